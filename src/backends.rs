@@ -1,0 +1,197 @@
+//! A snapshot of every backend, read directly from the server's backend status array in shared
+//! memory (what `pg_stat_activity` is built from), without running SQL.
+//!
+//! The server caches that array per transaction; every read here clears the cache first so
+//! re-reads inside one call (re-checks, waits) see live data.
+
+use crate::policy::{BackendKind, Micros, Session, State};
+use crate::signal;
+use pgrx::pg_sys;
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// One backend: the facts the policy decides on, plus what `sessions()` displays.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub session: Session,
+    pub datname: Option<String>,
+    pub backend_type: String,
+    pub query: Option<String>,
+    /// The caller may see this backend's details, by `pg_stat_activity`'s rule.
+    pub visible: bool,
+}
+
+/// Every backend right now.
+pub fn snapshot() -> Vec<Backend> {
+    raw_entries()
+        .into_iter()
+        .map(|entry| describe(&entry))
+        .collect()
+}
+
+/// The backend with this PID right now, read fresh; only the facts the policy needs.
+pub fn session_by_pid(pid: i32) -> Option<Session> {
+    raw_entries()
+        .into_iter()
+        .find(|e| e.st_procpid == pid)
+        .map(|e| session_of(&e))
+}
+
+/// Every live backend's session facts right now (for waits that track many PIDs at once).
+pub fn sessions() -> Vec<Session> {
+    raw_entries().iter().map(session_of).collect()
+}
+
+/// The current wall-clock time as a PostgreSQL timestamp.
+pub fn now() -> Micros {
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Copies of the live status entries. Strings inside point into the transaction-local snapshot,
+/// which stays valid until the next clear, i.e. until the next call here.
+fn raw_entries() -> Vec<pg_sys::PgBackendStatus> {
+    // SAFETY: clearing and rebuilding the local snapshot is what pg_stat_get_activity does
+    // between transactions; the entries are plain copies we only read.
+    unsafe {
+        pg_sys::pgstat_clear_backend_activity_snapshot();
+        let count = pg_sys::pgstat_fetch_stat_numbackends();
+        (1..=count)
+            .filter_map(|i| local_entry(i).as_ref())
+            .map(|local| local.backendStatus)
+            .filter(|status| status.st_procpid > 0)
+            .collect()
+    }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn local_entry(index: i32) -> *mut pg_sys::LocalPgBackendStatus {
+    // SAFETY: 1-based index below pgstat_fetch_stat_numbackends().
+    unsafe { pg_sys::pgstat_fetch_stat_local_beentry(index) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn local_entry(index: i32) -> *mut pg_sys::LocalPgBackendStatus {
+    // SAFETY: 1-based index below pgstat_fetch_stat_numbackends().
+    unsafe { pg_sys::pgstat_get_local_beentry_by_index(index) }
+}
+
+fn session_of(e: &pg_sys::PgBackendStatus) -> Session {
+    // SAFETY: MyProcPid is set for the life of the backend.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    Session {
+        pid: e.st_procpid,
+        backend_start: e.st_proc_start_timestamp,
+        kind: kind_of(e.st_backendType),
+        database_oid: e.st_databaseid.to_u32(),
+        role: role_name(e.st_userid),
+        application: c_string(e.st_appname).unwrap_or_default(),
+        client: client_address(&e.st_clientaddr),
+        state: state_of(e.st_state),
+        state_change: e.st_state_start_timestamp,
+        xact_start: e.st_xact_start_timestamp,
+        query_start: e.st_activity_start_timestamp,
+        is_own: e.st_procpid == my_pid,
+        is_superuser: signal::is_superuser_role(e.st_userid),
+        caller_may_signal: signal::may_signal_role(e.st_userid),
+    }
+}
+
+fn describe(e: &pg_sys::PgBackendStatus) -> Backend {
+    let session = session_of(e);
+    // SAFETY: catalog lookups in a transaction; NULL results are handled.
+    let datname = unsafe {
+        if e.st_databaseid == pg_sys::InvalidOid {
+            None
+        } else {
+            c_string(pg_sys::get_database_name(e.st_databaseid))
+        }
+    };
+    Backend {
+        datname,
+        backend_type: backend_type_name(e),
+        query: clipped_query(e.st_activity_raw),
+        visible: signal::may_see_role(e.st_userid),
+        session,
+    }
+}
+
+fn kind_of(t: pg_sys::BackendType::Type) -> BackendKind {
+    use pg_sys::BackendType::*;
+    match t {
+        B_BACKEND => BackendKind::Client,
+        B_AUTOVAC_LAUNCHER | B_AUTOVAC_WORKER => BackendKind::Autovacuum,
+        B_WAL_SENDER | B_WAL_RECEIVER => BackendKind::Replication,
+        B_BG_WORKER => BackendKind::BackgroundWorker,
+        _ => BackendKind::System,
+    }
+}
+
+fn state_of(s: pg_sys::BackendState::Type) -> Option<State> {
+    use pg_sys::BackendState::*;
+    match s {
+        STATE_RUNNING => Some(State::Active),
+        STATE_IDLE => Some(State::Idle),
+        STATE_IDLEINTRANSACTION => Some(State::IdleInTransaction),
+        STATE_IDLEINTRANSACTION_ABORTED => Some(State::IdleInTransactionAborted),
+        STATE_FASTPATH => Some(State::FastpathFunctionCall),
+        STATE_DISABLED => Some(State::Disabled),
+        _ => None,
+    }
+}
+
+/// `pg_stat_activity.backend_type`: background workers show their own type.
+fn backend_type_name(e: &pg_sys::PgBackendStatus) -> String {
+    // SAFETY: both functions return static or NULL strings.
+    unsafe {
+        if e.st_backendType == pg_sys::BackendType::B_BG_WORKER {
+            if let Some(name) = c_string(pg_sys::GetBackgroundWorkerTypeByPid(e.st_procpid)) {
+                return name;
+            }
+        }
+        c_string(pg_sys::GetBackendTypeDesc(e.st_backendType)).unwrap_or_default()
+    }
+}
+
+fn role_name(role: pg_sys::Oid) -> Option<String> {
+    if role == pg_sys::InvalidOid {
+        return None;
+    }
+    // SAFETY: syscache lookup with noerr = true returns NULL for a dropped role.
+    c_string(unsafe { pg_sys::GetUserNameFromId(role, true) })
+}
+
+fn clipped_query(raw: *const std::ffi::c_char) -> Option<String> {
+    if raw.is_null() {
+        return None;
+    }
+    // SAFETY: pgstat_clip_activity copies the raw (possibly cut mid-character) text into a
+    // palloc'd, valid, NUL-terminated string.
+    c_string(unsafe { pg_sys::pgstat_clip_activity(raw) })
+}
+
+fn client_address(addr: &pg_sys::SockAddr) -> Option<IpAddr> {
+    let storage = &addr.addr;
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4 = unsafe {
+                &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6 = unsafe {
+                &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+fn c_string(p: *const std::ffi::c_char) -> Option<String> {
+    // SAFETY: callers pass NULL or a NUL-terminated string that outlives this call.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}

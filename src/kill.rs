@@ -1,0 +1,476 @@
+//! `session_kill.sessions()` and `session_kill.kill_sessions()`: thin SQL wrappers over the
+//! snapshot, the policy and the signal modules.
+
+use crate::backends::{self, Backend};
+use crate::errors::{null_argument, or_raise, raise};
+use crate::gucs;
+use crate::policy::{
+    Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection, Protections,
+    Recheck, Session, State,
+};
+use crate::signal::{self, Signal, SignalError};
+use crate::sqltypes::{self, Name};
+use pgrx::datum::{Inet, Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::time::Duration;
+
+const MODES_HINT: &str = "Valid modes are: cancel, terminate, cancel_then_terminate, dry_run.";
+
+/// One row per backend (all databases when `db` is NULL), read straight from shared memory.
+/// `protected` is NULL when `kill_sessions` could act on the session, otherwise the reason.
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)]
+fn sessions(
+    db: default!(Option<Name>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(datname, Option<Name>),
+        name!(usename, Option<Name>),
+        name!(application_name, Option<String>),
+        name!(client_addr, Option<Inet>),
+        name!(backend_type, String),
+        name!(state, Option<String>),
+        name!(backend_start, Option<TimestampWithTimeZone>),
+        name!(xact_start, Option<TimestampWithTimeZone>),
+        name!(query_start, Option<TimestampWithTimeZone>),
+        name!(state_change, Option<TimestampWithTimeZone>),
+        name!(idle_for, Option<Interval>),
+        name!(xact_age, Option<Interval>),
+        name!(query, Option<String>),
+        name!(protected, Option<String>),
+    ),
+> {
+    let scope = db.map(|name| database_oid(&name.0));
+    let protections = configured_protections(false);
+    let now = backends::now();
+    let mut backends: Vec<Backend> = backends::snapshot()
+        .into_iter()
+        .filter(|b| scope.is_none_or(|oid| b.session.database_oid == oid))
+        .collect();
+    backends.sort_by_key(|b| b.session.pid);
+    TableIterator::new(backends.into_iter().map(move |b| {
+        let s = &b.session;
+        let shown = b.visible;
+        (
+            s.pid,
+            b.datname.clone().map(Name),
+            s.role.clone().map(Name),
+            Some(s.application.clone()),
+            s.client.filter(|_| shown).map(|a| Inet(a.to_string())),
+            b.backend_type.clone(),
+            s.state.filter(|_| shown).map(|st| st.label().to_owned()),
+            timestamp(s.backend_start).filter(|_| shown),
+            timestamp(s.xact_start).filter(|_| shown),
+            timestamp(s.query_start).filter(|_| shown),
+            timestamp(s.state_change).filter(|_| shown),
+            s.idle_for(now).filter(|_| shown).map(interval),
+            s.xact_age(now).filter(|_| shown).map(interval),
+            if shown {
+                b.query.clone()
+            } else {
+                Some("<insufficient privilege>".to_owned())
+            },
+            protections.protection(s).map(|p| p.label().to_owned()),
+        )
+    }))
+}
+
+/// Cancels or terminates the client sessions of `db` that match every given filter, waits until
+/// they are really gone (bounded by `wait`) and returns one row per matching session with what
+/// was done and what came of it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn kill_sessions(
+    db: Option<Name>,
+    mode: default!(Option<String>, "'terminate'"),
+    min_idle: default!(Option<Interval>, "'0'"),
+    usename: default!(Option<Name>, "NULL"),
+    application_name: default!(Option<String>, "NULL"),
+    client_addr: default!(Option<sqltypes::Cidr>, "NULL"),
+    states: default!(Option<Vec<Option<String>>>, "NULL"),
+    grace: default!(Option<Interval>, "'5s'"),
+    wait: default!(Option<Interval>, "'10s'"),
+    include_superusers: default!(Option<bool>, "false"),
+    all_databases: default!(Option<bool>, "false"),
+    reason: default!(Option<String>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(datname, Option<Name>),
+        name!(usename, Option<Name>),
+        name!(application_name, Option<String>),
+        name!(state, Option<String>),
+        name!(idle_for, Option<Interval>),
+        name!(action, String),
+        name!(outcome, String),
+    ),
+> {
+    let all_databases =
+        all_databases.unwrap_or_else(|| null_argument("all_databases", "Pass true or false."));
+    let database = match (db, all_databases) {
+        (Some(name), false) => DatabaseScope::One(database_oid(&name.0)),
+        (None, true) => DatabaseScope::All,
+        (None, false) => null_argument(
+            "db",
+            "Name the database whose sessions to act on, or pass all_databases => true to act on every database.",
+        ),
+        (Some(_), true) => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "db and all_databases => true cannot be combined",
+            "Pass either a database name or all_databases => true.",
+        ),
+    };
+    let mode = Mode::parse(&mode.unwrap_or_else(|| null_argument("mode", MODES_HINT)));
+    let request = KillRequest {
+        mode: or_raise(mode),
+        filter: Filter {
+            database,
+            min_idle: duration_arg("min_idle", min_idle),
+            role: usename.map(|name| existing_role(name.0)),
+            application: application_name.map(|p| or_raise(LikePattern::parse(&p))),
+            client: client_addr.map(|c| or_raise(Cidr::parse(&c.0))),
+            states: states.map(state_list),
+        },
+        grace: duration_arg("grace", grace),
+        wait: duration_arg("wait", wait),
+        protections: configured_protections(superuser_choice(include_superusers)),
+        reason,
+    };
+    let targets = request.execute();
+    TableIterator::new(targets.into_iter().map(|t| {
+        let s = &t.chosen;
+        let shown = t.backend.visible;
+        (
+            s.pid,
+            t.backend.datname.map(Name),
+            s.role.clone().map(Name),
+            Some(s.application.clone()),
+            t.selected_state
+                .filter(|_| shown)
+                .map(|st| st.label().to_owned()),
+            t.selected_idle_for.filter(|_| shown).map(interval),
+            t.action.to_owned(),
+            t.outcome.map_or_else(String::new, |o| o.to_string()),
+        )
+    }))
+}
+
+struct KillRequest {
+    mode: Mode,
+    filter: Filter,
+    grace: Micros,
+    wait: Micros,
+    protections: Protections,
+    reason: Option<String>,
+}
+
+/// A matching session and what happened to it so far.
+struct Target {
+    backend: Backend,
+    /// The latest re-checked view of the session.
+    chosen: Session,
+    selected_state: Option<State>,
+    selected_idle_for: Option<Micros>,
+    action: &'static str,
+    outcome: Option<Outcome>,
+}
+
+impl KillRequest {
+    fn execute(&self) -> Vec<Target> {
+        let now = backends::now();
+        let mut targets: Vec<Target> = backends::snapshot()
+            .into_iter()
+            .filter(|b| self.filter.matches(&b.session, now))
+            .map(|backend| Target {
+                chosen: backend.session.clone(),
+                selected_state: backend.session.state,
+                selected_idle_for: backend.session.idle_for(now),
+                backend,
+                action: "none",
+                outcome: None,
+            })
+            .collect();
+        targets.sort_by_key(|t| t.chosen.pid);
+        for t in &mut targets {
+            t.outcome = match self.protections.protection(&t.chosen) {
+                Some(p) => Some(Outcome::Protected(p)),
+                None if self.mode == Mode::DryRun => Some(Outcome::DryRun),
+                None => None,
+            };
+        }
+        if self.mode == Mode::DryRun {
+            return targets;
+        }
+
+        let (cancelled, mut terminated) = self.first_signals(&mut targets);
+        match self.mode {
+            Mode::Cancel => self.await_cancellations(&mut targets, &cancelled),
+            Mode::CancelThenTerminate => {
+                terminated.extend(self.escalate(&mut targets, &cancelled));
+            }
+            Mode::Terminate | Mode::DryRun => {}
+        }
+        self.await_exits(&mut targets, &terminated);
+        targets
+    }
+
+    /// Re-checks each actionable session and sends its first signal: cancel for running queries
+    /// (in the cancel modes), terminate otherwise. Returns the indexes cancelled and terminated.
+    fn first_signals(&self, targets: &mut [Target]) -> (Vec<usize>, Vec<usize>) {
+        let (mut cancelled, mut terminated) = (Vec::new(), Vec::new());
+        for (i, t) in targets
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, t)| t.outcome.is_none())
+        {
+            let fresh = backends::session_by_pid(t.chosen.pid);
+            let recheck = self
+                .filter
+                .recheck(&t.chosen, fresh.as_ref(), backends::now());
+            let Some(fresh) = fresh.filter(|_| recheck == Recheck::Proceed) else {
+                t.outcome = Some(recheck.into());
+                continue;
+            };
+            let running = fresh.state.is_some_and(State::is_running);
+            t.chosen = fresh;
+            let signal = match self.mode {
+                Mode::Cancel if !running => {
+                    t.outcome = Some(Outcome::NoQueryToCancel);
+                    continue;
+                }
+                Mode::Cancel | Mode::CancelThenTerminate if running => Signal::Cancel,
+                _ => Signal::Terminate,
+            };
+            if self.signal(t, signal) {
+                if signal == Signal::Cancel {
+                    cancelled.push(i)
+                } else {
+                    terminated.push(i)
+                }
+            }
+        }
+        (cancelled, terminated)
+    }
+
+    /// `cancel` mode: waits until each cancelled query has stopped running.
+    fn await_cancellations(&self, targets: &mut [Target], cancelled: &[usize]) {
+        if self.wait == 0 {
+            return mark(targets, cancelled, Outcome::Signalled);
+        }
+        let still_running = |t: &Target, live: &HashMap<i32, Session>| {
+            crate::policy::query_still_running(&t.chosen, live.get(&t.chosen.pid))
+        };
+        signal::wait_until(duration(self.wait), || {
+            let live = live_sessions();
+            cancelled
+                .iter()
+                .all(|&i| !still_running(&targets[i], &live))
+        });
+        let live = live_sessions();
+        for &i in cancelled {
+            let t = &mut targets[i];
+            t.outcome = Some(if still_running(t, &live) {
+                Outcome::StillRunningAfterWait
+            } else if live
+                .get(&t.chosen.pid)
+                .is_some_and(|s| s.same_backend(&t.chosen))
+            {
+                Outcome::Cancelled
+            } else {
+                Outcome::ExitedAfterCancel
+            });
+        }
+    }
+
+    /// `cancel_then_terminate`: gives cancelled sessions `grace` to disconnect on their own, then
+    /// terminates the survivors. Returns the indexes terminated.
+    fn escalate(&self, targets: &mut [Target], cancelled: &[usize]) -> Vec<usize> {
+        if cancelled.is_empty() {
+            return Vec::new();
+        }
+        signal::wait_until(duration(self.grace), || {
+            cancelled
+                .iter()
+                .all(|&i| !signal::backend_alive(targets[i].chosen.pid))
+        });
+        let mut terminated = Vec::new();
+        for &i in cancelled {
+            let t = &mut targets[i];
+            let survivor =
+                backends::session_by_pid(t.chosen.pid).filter(|s| s.same_backend(&t.chosen));
+            if survivor.is_none() {
+                t.outcome = Some(Outcome::ExitedAfterCancel);
+            } else if self.signal(t, Signal::Terminate) {
+                t.action = "cancel, terminate";
+                terminated.push(i);
+            }
+        }
+        terminated
+    }
+
+    /// Waits until every terminated backend has left the process array (freeing its slot).
+    fn await_exits(&self, targets: &mut [Target], terminated: &[usize]) {
+        if self.wait == 0 {
+            return mark(targets, terminated, Outcome::Signalled);
+        }
+        let mut remaining: Vec<usize> = terminated.to_vec();
+        signal::wait_until(duration(self.wait), || {
+            remaining.retain(|&i| signal::backend_alive(targets[i].chosen.pid));
+            remaining.is_empty()
+        });
+        mark(targets, terminated, Outcome::Terminated);
+        mark(targets, &remaining, Outcome::StillRunningAfterWait);
+    }
+
+    /// Sends one signal and logs it; on failure records why. Returns whether it was sent.
+    fn signal(&self, t: &mut Target, signal: Signal) -> bool {
+        let pid = t.chosen.pid;
+        match signal::send(pid, signal) {
+            Ok(()) => {
+                t.action = match signal {
+                    Signal::Cancel => "cancel",
+                    Signal::Terminate => "terminate",
+                };
+                log!(
+                    "session_kill: sent {} to pid {} (database {}, user {}, application \"{}\", state {}){}",
+                    t.action,
+                    pid,
+                    t.backend.datname.as_deref().unwrap_or("?"),
+                    t.chosen.role.as_deref().unwrap_or("?"),
+                    t.chosen.application,
+                    t.chosen.state.map_or("unknown", State::label),
+                    self.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+                );
+                true
+            }
+            Err(SignalError::Gone) => {
+                t.outcome = Some(Outcome::AlreadyGone);
+                false
+            }
+            Err(SignalError::PermissionDenied) => {
+                t.outcome = Some(Outcome::Protected(Protection::PermissionDenied));
+                false
+            }
+            Err(SignalError::Os(errno)) => {
+                warning!("session_kill: could not send signal to process {pid}: errno {errno}");
+                t.outcome = Some(Outcome::SignalFailed);
+                false
+            }
+        }
+    }
+}
+
+fn mark(targets: &mut [Target], indexes: &[usize], outcome: Outcome) {
+    for &i in indexes {
+        targets[i].outcome = Some(outcome);
+    }
+}
+
+fn live_sessions() -> HashMap<i32, Session> {
+    backends::sessions()
+        .into_iter()
+        .map(|s| (s.pid, s))
+        .collect()
+}
+
+fn configured_protections(include_superusers: bool) -> Protections {
+    Protections::from_settings(
+        &gucs::list(&gucs::PROTECTED_ROLES),
+        &gucs::list(&gucs::PROTECTED_APPLICATIONS),
+        include_superusers,
+    )
+}
+
+/// Only a superuser may lift the superuser protection.
+fn superuser_choice(include_superusers: Option<bool>) -> bool {
+    let include = include_superusers
+        .unwrap_or_else(|| null_argument("include_superusers", "Pass true or false."));
+    // SAFETY: superuser() checks the current user, valid inside a transaction.
+    if include && !unsafe { pg_sys::superuser() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to include superuser sessions",
+            "Only superusers can act on superuser sessions.",
+        );
+    }
+    include
+}
+
+fn database_oid(name: &str) -> u32 {
+    let c_name = CString::new(name).unwrap_or_default();
+    // SAFETY: catalog lookup with missing_ok = true.
+    let oid = unsafe { pg_sys::get_database_oid(c_name.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME,
+            format!("database \"{name}\" does not exist"),
+            "List the databases with \\l in psql, or SELECT datname FROM pg_database.",
+        );
+    }
+    oid.to_u32()
+}
+
+fn existing_role(name: String) -> String {
+    let c_name = CString::new(name.as_str()).unwrap_or_default();
+    // SAFETY: catalog lookup with missing_ok = true.
+    if unsafe { pg_sys::get_role_oid(c_name.as_ptr(), true) } == pg_sys::InvalidOid {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("role \"{name}\" does not exist"),
+            "List the roles with \\du in psql, or SELECT rolname FROM pg_roles.",
+        );
+    }
+    name
+}
+
+fn state_list(states: Vec<Option<String>>) -> Vec<State> {
+    let hint = format!(
+        "Valid states are: {}.",
+        State::ALL.map(State::label).join(", ")
+    );
+    if states.is_empty() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "states must not be empty",
+            hint,
+        );
+    }
+    states
+        .into_iter()
+        .map(|s| {
+            or_raise(State::parse(
+                &s.unwrap_or_else(|| null_argument("states element", &hint)),
+            ))
+        })
+        .collect()
+}
+
+fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
+    let value = value.unwrap_or_else(|| {
+        null_argument(
+            name,
+            &format!("Pass a duration such as '5s', or '0' for none, as {name}."),
+        )
+    });
+    or_raise(crate::policy::non_negative(name, value.as_micros()))
+}
+
+fn duration(micros: Micros) -> Duration {
+    Duration::from_micros(micros.max(0) as u64)
+}
+
+fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
+    (micros != 0)
+        .then(|| TimestampWithTimeZone::try_from(micros).ok())
+        .flatten()
+}
+
+fn interval(micros: Micros) -> Interval {
+    Interval::from_micros(micros).justify_hours()
+}

@@ -1,0 +1,46 @@
+//! session_kill: list, cancel, terminate and drain client sessions from inside the server.
+
+use pgrx::prelude::*;
+
+mod backends;
+mod errors;
+mod gucs;
+mod kill;
+mod policy;
+mod signal;
+mod sqltypes;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::register();
+    // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"session_kill".as_ptr()) };
+}
+
+extension_sql!(
+    r#"
+-- Acting on sessions is opt-in per role: grant EXECUTE to the roles that may use it.
+-- Listing stays public; it applies pg_stat_activity's own visibility rules.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill FROM PUBLIC;
+GRANT USAGE ON SCHEMA session_kill TO PUBLIC;
+GRANT EXECUTE ON FUNCTION session_kill.sessions(name) TO PUBLIC;
+"#,
+    name = "privileges",
+    finalize
+);
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'session_kill'"]
+    }
+}
