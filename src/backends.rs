@@ -7,8 +7,10 @@
 use crate::policy::{BackendKind, Micros, Session, State};
 use crate::signal;
 use pgrx::pg_sys;
-use std::ffi::CStr;
+use std::collections::HashMap;
+use std::ffi::{c_char, CStr};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{fence, Ordering};
 
 /// One backend: the facts the policy decides on, plus what `sessions()` displays.
 #[derive(Debug, Clone)]
@@ -23,23 +25,83 @@ pub struct Backend {
 
 /// Every backend right now.
 pub fn snapshot() -> Vec<Backend> {
-    raw_entries()
-        .into_iter()
-        .map(|entry| describe(&entry))
-        .collect()
+    let mut roles = RoleCache::default();
+    raw_entries().iter().map(|entry| describe(entry, &mut roles)).collect()
 }
 
-/// The backend with this PID right now, read fresh; only the facts the policy needs.
-pub fn session_by_pid(pid: i32) -> Option<Session> {
-    raw_entries()
-        .into_iter()
-        .find(|e| e.st_procpid == pid)
-        .map(|e| session_of(&e))
+/// Every live backend's session facts right now, by PID.
+pub fn sessions() -> HashMap<i32, Session> {
+    let mut roles = RoleCache::default();
+    raw_entries().iter().map(|e| (e.st_procpid, session_of(e, &mut roles))).collect()
 }
 
-/// Every live backend's session facts right now (for waits that track many PIDs at once).
-pub fn sessions() -> Vec<Session> {
-    raw_entries().iter().map(session_of).collect()
+/// The backend with this PID right now, read from its own live entry in shared memory (not the
+/// cached snapshot): what a re-check just before signalling needs, at O(1) per session.
+pub fn live_session(pid: i32) -> Option<Session> {
+    let entry = live_entry(pid)?;
+    (entry.st_procpid == pid).then(|| session_of(&entry, &mut RoleCache::default()))
+}
+
+/// Copies one backend's shared status entry with the server's read protocol: retry until the
+/// entry's change counter is even and unchanged around the copy. Strings are copied inside the
+/// protocol too; the returned entry's string pointers point at those copies (palloc'd).
+fn live_entry(pid: i32) -> Option<pg_sys::PgBackendStatus> {
+    // SAFETY: the status array is one contiguous PgBackendStatus[] in shared memory indexed by
+    // proc number (PG 17+) or backend id - 1 (PG 15/16), and MyBEEntry is our own element of it,
+    // so `MyBEEntry - my_index + index` is the target's element. The target may exit meanwhile:
+    // its slot then holds another PID (or 0), which the caller rejects.
+    unsafe {
+        let proc = pg_sys::BackendPidGetProc(pid);
+        if proc.is_null() || pg_sys::MyBEEntry.is_null() {
+            return None;
+        }
+        let shared = pg_sys::MyBEEntry.offset(status_index_of(proc) - own_status_index());
+        loop {
+            let before = std::ptr::read_volatile(&(*shared).st_changecount);
+            fence(Ordering::Acquire);
+            let mut entry = std::ptr::read_volatile(shared);
+            entry.st_appname = palloc_copy(entry.st_appname, pg_sys::NAMEDATALEN as usize);
+            fence(Ordering::Acquire);
+            let after = std::ptr::read_volatile(&(*shared).st_changecount);
+            if before == after && before % 2 == 0 {
+                return Some(entry);
+            }
+            pgrx::check_for_interrupts!();
+        }
+    }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn status_index_of(proc: *const pg_sys::PGPROC) -> isize {
+    // SAFETY: proc is a live PGPROC of a regular backend.
+    unsafe { (*proc).backendId as isize - 1 }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn own_status_index() -> isize {
+    // SAFETY: MyBackendId is set for every regular backend.
+    unsafe { pg_sys::MyBackendId as isize - 1 }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn status_index_of(proc: *const pg_sys::PGPROC) -> isize {
+    // SAFETY: proc points into ProcGlobal->allProcs (GetNumberFromPGProc).
+    unsafe { proc.offset_from((*pg_sys::ProcGlobal).allProcs) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn own_status_index() -> isize {
+    // SAFETY: MyProcNumber is set for every backend with a PGPROC.
+    unsafe { pg_sys::MyProcNumber as isize }
+}
+
+/// Copies a NUL-terminated string of at most `max` bytes (the buffer size) into palloc'd memory.
+unsafe fn palloc_copy(src: *const c_char, max: usize) -> *mut c_char {
+    if src.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: `src` points at a shared buffer of `max` bytes; pnstrdup stops at NUL or `max`.
+    unsafe { pg_sys::pnstrdup(src, max - 1) }
 }
 
 /// The current wall-clock time as a PostgreSQL timestamp.
@@ -76,15 +138,42 @@ unsafe fn local_entry(index: i32) -> *mut pg_sys::LocalPgBackendStatus {
     unsafe { pg_sys::pgstat_get_local_beentry_by_index(index) }
 }
 
-fn session_of(e: &pg_sys::PgBackendStatus) -> Session {
+/// What the caller's privileges say about each role, looked up once per read.
+#[derive(Default)]
+struct RoleCache(HashMap<pg_sys::Oid, RoleFacts>);
+
+#[derive(Clone)]
+struct RoleFacts {
+    name: Option<String>,
+    is_superuser: bool,
+    may_signal: bool,
+    may_see: bool,
+}
+
+impl RoleCache {
+    fn get(&mut self, role: pg_sys::Oid) -> RoleFacts {
+        self.0
+            .entry(role)
+            .or_insert_with(|| RoleFacts {
+                name: role_name(role),
+                is_superuser: signal::is_superuser_role(role),
+                may_signal: signal::may_signal_role(role),
+                may_see: signal::may_see_role(role),
+            })
+            .clone()
+    }
+}
+
+fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
     // SAFETY: MyProcPid is set for the life of the backend.
     let my_pid = unsafe { pg_sys::MyProcPid };
+    let role = roles.get(e.st_userid);
     Session {
         pid: e.st_procpid,
         backend_start: e.st_proc_start_timestamp,
         kind: kind_of(e.st_backendType),
         database_oid: e.st_databaseid.to_u32(),
-        role: role_name(e.st_userid),
+        role: role.name,
         application: c_string(e.st_appname).unwrap_or_default(),
         client: client_address(&e.st_clientaddr),
         state: state_of(e.st_state),
@@ -92,13 +181,13 @@ fn session_of(e: &pg_sys::PgBackendStatus) -> Session {
         xact_start: e.st_xact_start_timestamp,
         query_start: e.st_activity_start_timestamp,
         is_own: e.st_procpid == my_pid,
-        is_superuser: signal::is_superuser_role(e.st_userid),
-        caller_may_signal: signal::may_signal_role(e.st_userid),
+        is_superuser: role.is_superuser,
+        caller_may_signal: role.may_signal,
     }
 }
 
-fn describe(e: &pg_sys::PgBackendStatus) -> Backend {
-    let session = session_of(e);
+fn describe(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Backend {
+    let session = session_of(e, roles);
     // SAFETY: catalog lookups in a transaction; NULL results are handled.
     let datname = unsafe {
         if e.st_databaseid == pg_sys::InvalidOid {
@@ -111,7 +200,7 @@ fn describe(e: &pg_sys::PgBackendStatus) -> Backend {
         datname,
         backend_type: backend_type_name(e),
         query: clipped_query(e.st_activity_raw),
-        visible: signal::may_see_role(e.st_userid),
+        visible: roles.get(e.st_userid).may_see,
         session,
     }
 }
@@ -175,16 +264,12 @@ fn client_address(addr: &pg_sys::SockAddr) -> Option<IpAddr> {
     match i32::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let v4 = unsafe {
-                &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
+            let v4 = unsafe { &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let v6 = unsafe {
-                &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
+            let v6 = unsafe { &*(storage as *const pg_sys::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
         }
         _ => None,

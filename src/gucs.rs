@@ -7,8 +7,7 @@ use std::ffi::CString;
 
 /// `session_kill.protected_roles`: comma-separated role names whose sessions are never
 /// cancelled or terminated by session_kill (e.g. monitoring or replication-management roles).
-pub static PROTECTED_ROLES: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c""));
+pub static PROTECTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 /// `session_kill.protected_applications`: comma-separated `LIKE` patterns on
 /// `application_name` that are never touched. The default covers common backup tools.
@@ -37,10 +36,7 @@ pub fn register() {
 
 /// The current value of a list setting, as the text the policy module parses.
 pub fn list(setting: &GucSetting<Option<CString>>) -> String {
-    setting
-        .get()
-        .map(|v| v.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    setting.get().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn list_input() -> GucFlags {

@@ -5,8 +5,8 @@ use crate::backends::{self, Backend};
 use crate::errors::{null_argument, or_raise, raise};
 use crate::gucs;
 use crate::policy::{
-    Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection, Protections,
-    Recheck, Session, State,
+    query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
+    Protections, Recheck, Session, State,
 };
 use crate::signal::{self, Signal, SignalError};
 use crate::sqltypes::{self, Name};
@@ -70,11 +70,7 @@ fn sessions(
             timestamp(s.state_change).filter(|_| shown),
             s.idle_for(now).filter(|_| shown).map(interval),
             s.xact_age(now).filter(|_| shown).map(interval),
-            if shown {
-                b.query.clone()
-            } else {
-                Some("<insufficient privilege>".to_owned())
-            },
+            if shown { b.query.clone() } else { Some("<insufficient privilege>".to_owned()) },
             protections.protection(s).map(|p| p.label().to_owned()),
         )
     }))
@@ -151,9 +147,7 @@ fn kill_sessions(
             t.backend.datname.map(Name),
             s.role.clone().map(Name),
             Some(s.application.clone()),
-            t.selected_state
-                .filter(|_| shown)
-                .map(|st| st.label().to_owned()),
+            t.selected_state.filter(|_| shown).map(|st| st.label().to_owned()),
             t.selected_idle_for.filter(|_| shown).map(interval),
             t.action.to_owned(),
             t.outcome.map_or_else(String::new, |o| o.to_string()),
@@ -224,15 +218,9 @@ impl KillRequest {
     /// (in the cancel modes), terminate otherwise. Returns the indexes cancelled and terminated.
     fn first_signals(&self, targets: &mut [Target]) -> (Vec<usize>, Vec<usize>) {
         let (mut cancelled, mut terminated) = (Vec::new(), Vec::new());
-        for (i, t) in targets
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, t)| t.outcome.is_none())
-        {
-            let fresh = backends::session_by_pid(t.chosen.pid);
-            let recheck = self
-                .filter
-                .recheck(&t.chosen, fresh.as_ref(), backends::now());
+        for (i, t) in targets.iter_mut().enumerate().filter(|(_, t)| t.outcome.is_none()) {
+            let fresh = backends::live_session(t.chosen.pid);
+            let recheck = self.filter.recheck(&t.chosen, fresh.as_ref(), backends::now());
             let Some(fresh) = fresh.filter(|_| recheck == Recheck::Proceed) else {
                 t.outcome = Some(recheck.into());
                 continue;
@@ -264,23 +252,18 @@ impl KillRequest {
             return mark(targets, cancelled, Outcome::Signalled);
         }
         let still_running = |t: &Target, live: &HashMap<i32, Session>| {
-            crate::policy::query_still_running(&t.chosen, live.get(&t.chosen.pid))
+            query_still_running(&t.chosen, live.get(&t.chosen.pid))
         };
         signal::wait_until(duration(self.wait), || {
-            let live = live_sessions();
-            cancelled
-                .iter()
-                .all(|&i| !still_running(&targets[i], &live))
+            let live = backends::sessions();
+            cancelled.iter().all(|&i| !still_running(&targets[i], &live))
         });
-        let live = live_sessions();
+        let live = backends::sessions();
         for &i in cancelled {
             let t = &mut targets[i];
             t.outcome = Some(if still_running(t, &live) {
                 Outcome::StillRunningAfterWait
-            } else if live
-                .get(&t.chosen.pid)
-                .is_some_and(|s| s.same_backend(&t.chosen))
-            {
+            } else if live.get(&t.chosen.pid).is_some_and(|s| s.same_backend(&t.chosen)) {
                 Outcome::Cancelled
             } else {
                 Outcome::ExitedAfterCancel
@@ -295,16 +278,12 @@ impl KillRequest {
             return Vec::new();
         }
         signal::wait_until(duration(self.grace), || {
-            cancelled
-                .iter()
-                .all(|&i| !signal::backend_alive(targets[i].chosen.pid))
+            cancelled.iter().all(|&i| !signal::backend_alive(targets[i].chosen.pid))
         });
         let mut terminated = Vec::new();
         for &i in cancelled {
             let t = &mut targets[i];
-            let survivor =
-                backends::session_by_pid(t.chosen.pid).filter(|s| s.same_backend(&t.chosen));
-            if survivor.is_none() {
+            if !backends::live_session(t.chosen.pid).is_some_and(|s| s.same_backend(&t.chosen)) {
                 t.outcome = Some(Outcome::ExitedAfterCancel);
             } else if self.signal(t, Signal::Terminate) {
                 t.action = "cancel, terminate";
@@ -372,13 +351,6 @@ fn mark(targets: &mut [Target], indexes: &[usize], outcome: Outcome) {
     }
 }
 
-fn live_sessions() -> HashMap<i32, Session> {
-    backends::sessions()
-        .into_iter()
-        .map(|s| (s.pid, s))
-        .collect()
-}
-
 fn configured_protections(include_superusers: bool) -> Protections {
     Protections::from_settings(
         &gucs::list(&gucs::PROTECTED_ROLES),
@@ -389,8 +361,8 @@ fn configured_protections(include_superusers: bool) -> Protections {
 
 /// Only a superuser may lift the superuser protection.
 fn superuser_choice(include_superusers: Option<bool>) -> bool {
-    let include = include_superusers
-        .unwrap_or_else(|| null_argument("include_superusers", "Pass true or false."));
+    let include =
+        include_superusers.unwrap_or_else(|| null_argument("include_superusers", "Pass true or false."));
     // SAFETY: superuser() checks the current user, valid inside a transaction.
     if include && !unsafe { pg_sys::superuser() } {
         raise(
@@ -430,33 +402,19 @@ fn existing_role(name: String) -> String {
 }
 
 fn state_list(states: Vec<Option<String>>) -> Vec<State> {
-    let hint = format!(
-        "Valid states are: {}.",
-        State::ALL.map(State::label).join(", ")
-    );
+    let hint = format!("Valid states are: {}.", State::ALL.map(State::label).join(", "));
     if states.is_empty() {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "states must not be empty",
-            hint,
-        );
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "states must not be empty", hint);
     }
     states
         .into_iter()
-        .map(|s| {
-            or_raise(State::parse(
-                &s.unwrap_or_else(|| null_argument("states element", &hint)),
-            ))
-        })
+        .map(|s| or_raise(State::parse(&s.unwrap_or_else(|| null_argument("states element", &hint)))))
         .collect()
 }
 
 fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
     let value = value.unwrap_or_else(|| {
-        null_argument(
-            name,
-            &format!("Pass a duration such as '5s', or '0' for none, as {name}."),
-        )
+        null_argument(name, &format!("Pass a duration such as '5s', or '0' for none, as {name}."))
     });
     or_raise(crate::policy::non_negative(name, value.as_micros()))
 }
@@ -466,9 +424,7 @@ fn duration(micros: Micros) -> Duration {
 }
 
 fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
-    (micros != 0)
-        .then(|| TimestampWithTimeZone::try_from(micros).ok())
-        .flatten()
+    (micros != 0).then(|| TimestampWithTimeZone::try_from(micros).ok()).flatten()
 }
 
 fn interval(micros: Micros) -> Interval {

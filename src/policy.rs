@@ -55,10 +55,7 @@ impl State {
 
     /// Waiting for the client: the states `min_idle` measures.
     pub fn is_idle(self) -> bool {
-        matches!(
-            self,
-            State::Idle | State::IdleInTransaction | State::IdleInTransactionAborted
-        )
+        matches!(self, State::Idle | State::IdleInTransaction | State::IdleInTransactionAborted)
     }
 
     /// Running a query or function call: the states a cancel applies to.
@@ -68,18 +65,12 @@ impl State {
 
     pub fn parse(text: &str) -> Result<State, InputError> {
         let wanted = text.trim().to_ascii_lowercase();
-        State::ALL
-            .into_iter()
-            .find(|s| s.label() == wanted)
-            .ok_or_else(|| {
-                InputError::invalid(
-                    format!("invalid session state \"{text}\""),
-                    format!(
-                        "Valid states are: {}.",
-                        State::ALL.map(State::label).join(", ")
-                    ),
-                )
-            })
+        State::ALL.into_iter().find(|s| s.label() == wanted).ok_or_else(|| {
+            InputError::invalid(
+                format!("invalid session state \"{text}\""),
+                format!("Valid states are: {}.", State::ALL.map(State::label).join(", ")),
+            )
+        })
     }
 }
 
@@ -93,12 +84,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [
-        Mode::Cancel,
-        Mode::Terminate,
-        Mode::CancelThenTerminate,
-        Mode::DryRun,
-    ];
+    pub const ALL: [Mode; 4] = [Mode::Cancel, Mode::Terminate, Mode::CancelThenTerminate, Mode::DryRun];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -111,18 +97,12 @@ impl Mode {
 
     pub fn parse(text: &str) -> Result<Mode, InputError> {
         let wanted = text.trim().to_ascii_lowercase();
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.label() == wanted)
-            .ok_or_else(|| {
-                InputError::invalid(
-                    format!("invalid mode \"{text}\""),
-                    format!(
-                        "Valid modes are: {}.",
-                        Mode::ALL.map(Mode::label).join(", ")
-                    ),
-                )
-            })
+        Mode::ALL.into_iter().find(|m| m.label() == wanted).ok_or_else(|| {
+            InputError::invalid(
+                format!("invalid mode \"{text}\""),
+                format!("Valid modes are: {}.", Mode::ALL.map(Mode::label).join(", ")),
+            )
+        })
     }
 }
 
@@ -135,10 +115,7 @@ pub struct InputError {
 
 impl InputError {
     pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        InputError {
-            message: message.into(),
-            hint: hint.into(),
-        }
+        InputError { message: message.into(), hint: hint.into() }
     }
 }
 
@@ -151,10 +128,7 @@ pub fn non_negative(name: &str, micros: i128) -> Result<Micros, InputError> {
         ));
     }
     Micros::try_from(micros).map_err(|_| {
-        InputError::invalid(
-            format!("{name} is out of range"),
-            "Pass a duration shorter than 290,000 years.",
-        )
+        InputError::invalid(format!("{name} is out of range"), "Pass a duration shorter than 290,000 years.")
     })
 }
 
@@ -180,12 +154,7 @@ impl Cidr {
         let network: IpAddr = addr.trim().parse().map_err(|_| malformed())?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(malformed)?,
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(malformed)?,
             None => max,
         };
         Ok(Cidr { network, prefix })
@@ -196,8 +165,7 @@ impl Cidr {
         fn prefix_equal(a: &[u8], b: &[u8], bits: u8) -> bool {
             let whole = usize::from(bits / 8);
             let rest = bits % 8;
-            a[..whole] == b[..whole]
-                && (rest == 0 || (a[whole] ^ b[whole]) & (0xffu8 << (8 - rest)) == 0)
+            a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) & (0xffu8 << (8 - rest)) == 0)
         }
         match (self.network, addr) {
             (IpAddr::V4(n), IpAddr::V4(a)) => prefix_equal(&n.octets(), &a.octets(), self.prefix),
@@ -299,9 +267,7 @@ impl Session {
     /// How long the session has been waiting for its client; `None` unless idle.
     pub fn idle_for(&self, now: Micros) -> Option<Micros> {
         match self.state {
-            Some(s) if s.is_idle() && self.state_change != 0 => {
-                Some((now - self.state_change).max(0))
-            }
+            Some(s) if s.is_idle() && self.state_change != 0 => Some((now - self.state_change).max(0)),
             _ => None,
         }
     }
@@ -363,11 +329,7 @@ impl Protections {
     /// exact name, so a typo never unprotects anything.
     pub fn from_settings(roles: &str, applications: &str, include_superusers: bool) -> Protections {
         let items = |list: &str| -> Vec<String> {
-            list.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
+            list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
         };
         Protections {
             roles: items(roles),
@@ -403,11 +365,7 @@ impl Protections {
                 return Some(Protection::ProtectedRole);
             }
         }
-        if self
-            .applications
-            .iter()
-            .any(|p| p.matches(&session.application))
-        {
+        if self.applications.iter().any(|p| p.matches(&session.application)) {
             return Some(Protection::ProtectedApplication);
         }
         if !session.caller_may_signal {
@@ -444,22 +402,10 @@ impl Filter {
                 DatabaseScope::All => s.database_oid != 0,
             }
             && (self.min_idle == 0 || s.idle_for(now).is_some_and(|idle| idle >= self.min_idle))
-            && self
-                .role
-                .as_ref()
-                .is_none_or(|r| s.role.as_ref() == Some(r))
-            && self
-                .application
-                .as_ref()
-                .is_none_or(|p| p.matches(&s.application))
-            && self
-                .client
-                .as_ref()
-                .is_none_or(|c| s.client.is_some_and(|a| c.contains(a)))
-            && self
-                .states
-                .as_ref()
-                .is_none_or(|st| s.state.is_some_and(|x| st.contains(&x)))
+            && self.role.as_ref().is_none_or(|r| s.role.as_ref() == Some(r))
+            && self.application.as_ref().is_none_or(|p| p.matches(&s.application))
+            && self.client.as_ref().is_none_or(|c| s.client.is_some_and(|a| c.contains(a)))
+            && self.states.as_ref().is_none_or(|st| s.state.is_some_and(|x| st.contains(&x)))
     }
 
     /// Just before signalling: is this still the session that was chosen, and does it still match?
@@ -593,36 +539,20 @@ mod tests {
 
     #[test]
     fn modes_and_states_parse_case_insensitively_and_list_valid_values() {
-        assert_eq!(
-            Mode::parse("Cancel_Then_Terminate").unwrap(),
-            Mode::CancelThenTerminate
-        );
+        assert_eq!(Mode::parse("Cancel_Then_Terminate").unwrap(), Mode::CancelThenTerminate);
         let err = Mode::parse("kill").unwrap_err();
         assert_eq!(err.message, "invalid mode \"kill\"");
-        assert_eq!(
-            err.hint,
-            "Valid modes are: cancel, terminate, cancel_then_terminate, dry_run."
-        );
-        assert_eq!(
-            State::parse("idle in transaction").unwrap(),
-            State::IdleInTransaction
-        );
+        assert_eq!(err.hint, "Valid modes are: cancel, terminate, cancel_then_terminate, dry_run.");
+        assert_eq!(State::parse("idle in transaction").unwrap(), State::IdleInTransaction);
         let err = State::parse("sleeping").unwrap_err();
-        assert!(
-            err.hint.contains("idle in transaction (aborted)"),
-            "{}",
-            err.hint
-        );
+        assert!(err.hint.contains("idle in transaction (aborted)"), "{}", err.hint);
     }
 
     #[test]
     fn negative_intervals_are_rejected() {
         assert_eq!(non_negative("min_idle", 0).unwrap(), 0);
         assert_eq!(non_negative("wait", 5 * SEC as i128).unwrap(), 5 * SEC);
-        assert_eq!(
-            non_negative("grace", -1).unwrap_err().message,
-            "grace must not be negative"
-        );
+        assert_eq!(non_negative("grace", -1).unwrap_err().message, "grace must not be negative");
     }
 
     #[test]
@@ -630,29 +560,14 @@ mod tests {
         let net = Cidr::parse("10.0.0.0/8").unwrap();
         assert!(net.contains("10.200.1.1".parse().unwrap()));
         assert!(!net.contains("11.0.0.1".parse().unwrap()));
-        assert!(
-            !net.contains("::ffff:10.0.0.1".parse().unwrap()),
-            "families never mix"
-        );
+        assert!(!net.contains("::ffff:10.0.0.1".parse().unwrap()), "families never mix");
         let odd = Cidr::parse("192.168.0.0/23").unwrap();
         assert!(odd.contains("192.168.1.255".parse().unwrap()));
         assert!(!odd.contains("192.168.2.0".parse().unwrap()));
-        assert!(Cidr::parse("::1/128")
-            .unwrap()
-            .contains("::1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("8.8.8.8".parse().unwrap()));
-        assert!(Cidr::parse("127.0.0.1")
-            .unwrap()
-            .contains("127.0.0.1".parse().unwrap()));
-        for bad in [
-            "10.0.0.0/33",
-            "10.0.0/8",
-            "nonsense",
-            "::1/129",
-            "10.0.0.0/x",
-        ] {
+        assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "nonsense", "::1/129", "10.0.0.0/x"] {
             assert!(Cidr::parse(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -674,80 +589,31 @@ mod tests {
 
     #[test]
     fn min_idle_matches_only_sessions_idle_long_enough() {
-        let f = Filter {
-            min_idle: 60 * SEC,
-            ..filter()
-        };
+        let f = Filter { min_idle: 60 * SEC, ..filter() };
         assert!(f.matches(&client(1, State::Idle, 61), NOW));
         assert!(f.matches(&client(1, State::IdleInTransaction, 60), NOW));
         assert!(!f.matches(&client(1, State::Idle, 59), NOW));
-        assert!(
-            !f.matches(&client(1, State::Active, 3600), NOW),
-            "active sessions are not idle"
-        );
-        assert!(
-            filter().matches(&client(1, State::Active, 0), NOW),
-            "min_idle 0 takes everything"
-        );
+        assert!(!f.matches(&client(1, State::Active, 3600), NOW), "active sessions are not idle");
+        assert!(filter().matches(&client(1, State::Active, 0), NOW), "min_idle 0 takes everything");
     }
 
     #[test]
     fn filters_combine() {
         let s = client(1, State::Idle, 5);
         let with = |f: Filter| f.matches(&s, NOW);
-        assert!(with(Filter {
-            role: Some("app".into()),
-            ..filter()
-        }));
-        assert!(!with(Filter {
-            role: Some("other".into()),
-            ..filter()
-        }));
-        assert!(with(Filter {
-            application: Some(LikePattern::parse("ps%").unwrap()),
-            ..filter()
-        }));
-        assert!(with(Filter {
-            client: Some(Cidr::parse("10.1.0.0/16").unwrap()),
-            ..filter()
-        }));
-        assert!(!with(Filter {
-            client: Some(Cidr::parse("10.2.0.0/16").unwrap()),
-            ..filter()
-        }));
-        assert!(with(Filter {
-            states: Some(vec![State::Active, State::Idle]),
-            ..filter()
-        }));
-        assert!(!with(Filter {
-            states: Some(vec![State::IdleInTransaction]),
-            ..filter()
-        }));
-        assert!(!with(Filter {
-            database: DatabaseScope::One(1),
-            ..filter()
-        }));
-        assert!(with(Filter {
-            database: DatabaseScope::All,
-            ..filter()
-        }));
-        let local = Session {
-            client: None,
-            ..s.clone()
-        };
-        assert!(!Filter {
-            client: Some(Cidr::parse("0.0.0.0/0").unwrap()),
-            ..filter()
-        }
-        .matches(&local, NOW));
-        let worker = Session {
-            kind: BackendKind::BackgroundWorker,
-            ..s
-        };
-        assert!(
-            !filter().matches(&worker, NOW),
-            "only client sessions match"
-        );
+        assert!(with(Filter { role: Some("app".into()), ..filter() }));
+        assert!(!with(Filter { role: Some("other".into()), ..filter() }));
+        assert!(with(Filter { application: Some(LikePattern::parse("ps%").unwrap()), ..filter() }));
+        assert!(with(Filter { client: Some(Cidr::parse("10.1.0.0/16").unwrap()), ..filter() }));
+        assert!(!with(Filter { client: Some(Cidr::parse("10.2.0.0/16").unwrap()), ..filter() }));
+        assert!(with(Filter { states: Some(vec![State::Active, State::Idle]), ..filter() }));
+        assert!(!with(Filter { states: Some(vec![State::IdleInTransaction]), ..filter() }));
+        assert!(!with(Filter { database: DatabaseScope::One(1), ..filter() }));
+        assert!(with(Filter { database: DatabaseScope::All, ..filter() }));
+        let local = Session { client: None, ..s.clone() };
+        assert!(!Filter { client: Some(Cidr::parse("0.0.0.0/0").unwrap()), ..filter() }.matches(&local, NOW));
+        let worker = Session { kind: BackendKind::BackgroundWorker, ..s };
+        assert!(!filter().matches(&worker, NOW), "only client sessions match");
     }
 
     #[test]
@@ -755,64 +621,30 @@ mod tests {
         let p = Protections::from_settings("backup, monitor", "pg_dump,pgbackrest%", false);
         let s = client(1, State::Idle, 1);
         assert_eq!(p.protection(&s), None);
+        assert_eq!(p.protection(&Session { is_own: true, ..s.clone() }), Some(Protection::OwnSession));
         assert_eq!(
-            p.protection(&Session {
-                is_own: true,
-                ..s.clone()
-            }),
-            Some(Protection::OwnSession)
-        );
-        assert_eq!(
-            p.protection(&Session {
-                kind: BackendKind::Autovacuum,
-                ..s.clone()
-            }),
+            p.protection(&Session { kind: BackendKind::Autovacuum, ..s.clone() }),
             Some(Protection::Autovacuum)
         );
         assert_eq!(
-            p.protection(&Session {
-                kind: BackendKind::Replication,
-                ..s.clone()
-            }),
+            p.protection(&Session { kind: BackendKind::Replication, ..s.clone() }),
             Some(Protection::Replication)
         );
-        let su = Session {
-            is_superuser: true,
-            caller_may_signal: false,
-            ..s.clone()
-        };
+        let su = Session { is_superuser: true, caller_may_signal: false, ..s.clone() };
         assert_eq!(p.protection(&su), Some(Protection::Superuser));
-        let p_su = Protections {
-            include_superusers: true,
-            ..p.clone()
-        };
-        assert_eq!(
-            p_su.protection(&Session {
-                caller_may_signal: true,
-                ..su.clone()
-            }),
-            None
-        );
+        let p_su = Protections { include_superusers: true, ..p.clone() };
+        assert_eq!(p_su.protection(&Session { caller_may_signal: true, ..su.clone() }), None);
         assert_eq!(p_su.protection(&su), Some(Protection::PermissionDenied));
         assert_eq!(
-            p.protection(&Session {
-                role: Some("monitor".into()),
-                ..s.clone()
-            }),
+            p.protection(&Session { role: Some("monitor".into()), ..s.clone() }),
             Some(Protection::ProtectedRole)
         );
         assert_eq!(
-            p.protection(&Session {
-                application: "pgbackrest-archive".into(),
-                ..s.clone()
-            }),
+            p.protection(&Session { application: "pgbackrest-archive".into(), ..s.clone() }),
             Some(Protection::ProtectedApplication)
         );
         assert_eq!(
-            p.protection(&Session {
-                caller_may_signal: false,
-                ..s
-            }),
+            p.protection(&Session { caller_may_signal: false, ..s }),
             Some(Protection::PermissionDenied)
         );
     }
@@ -820,56 +652,28 @@ mod tests {
     #[test]
     fn malformed_protected_application_still_protects_by_name() {
         let p = Protections::from_settings("", "odd\\", false);
-        let s = Session {
-            application: "odd\\".into(),
-            ..client(1, State::Idle, 1)
-        };
+        let s = Session { application: "odd\\".into(), ..client(1, State::Idle, 1) };
         assert_eq!(p.protection(&s), Some(Protection::ProtectedApplication));
     }
 
     #[test]
     fn recheck_detects_replacement_activity_and_drift() {
-        let f = Filter {
-            min_idle: 60 * SEC,
-            ..filter()
-        };
+        let f = Filter { min_idle: 60 * SEC, ..filter() };
         let chosen = client(7, State::Idle, 120);
         assert_eq!(f.recheck(&chosen, Some(&chosen), NOW), Recheck::Proceed);
         assert_eq!(f.recheck(&chosen, None, NOW), Recheck::Gone);
-        let reused_pid = Session {
-            backend_start: 99 * SEC,
-            ..chosen.clone()
-        };
+        let reused_pid = Session { backend_start: 99 * SEC, ..chosen.clone() };
         assert_eq!(f.recheck(&chosen, Some(&reused_pid), NOW), Recheck::Gone);
-        let active = Session {
-            state: Some(State::Active),
-            state_change: NOW,
-            ..chosen.clone()
-        };
-        assert_eq!(
-            f.recheck(&chosen, Some(&active), NOW),
-            Recheck::BecameActive
-        );
-        let briefly_active = Session {
-            state_change: NOW - SEC,
-            ..chosen.clone()
-        };
-        assert_eq!(
-            f.recheck(&chosen, Some(&briefly_active), NOW),
-            Recheck::NoLongerMatches
-        );
-        assert_eq!(
-            Outcome::from(Recheck::BecameActive).to_string(),
-            "skipped: became active"
-        );
+        let active = Session { state: Some(State::Active), state_change: NOW, ..chosen.clone() };
+        assert_eq!(f.recheck(&chosen, Some(&active), NOW), Recheck::BecameActive);
+        let briefly_active = Session { state_change: NOW - SEC, ..chosen.clone() };
+        assert_eq!(f.recheck(&chosen, Some(&briefly_active), NOW), Recheck::NoLongerMatches);
+        assert_eq!(Outcome::from(Recheck::BecameActive).to_string(), "skipped: became active");
     }
 
     #[test]
     fn idle_for_and_xact_age() {
-        let s = Session {
-            xact_start: NOW - 30 * SEC,
-            ..client(1, State::IdleInTransaction, 20)
-        };
+        let s = Session { xact_start: NOW - 30 * SEC, ..client(1, State::IdleInTransaction, 20) };
         assert_eq!(s.idle_for(NOW), Some(20 * SEC));
         assert_eq!(s.xact_age(NOW), Some(30 * SEC));
         let active = client(1, State::Active, 20);
@@ -881,28 +685,16 @@ mod tests {
     fn cancelled_query_detection() {
         let running = client(3, State::Active, 0);
         assert!(query_still_running(&running, Some(&running)));
-        let next_query = Session {
-            query_start: running.query_start + 1,
-            ..running.clone()
-        };
+        let next_query = Session { query_start: running.query_start + 1, ..running.clone() };
         assert!(!query_still_running(&running, Some(&next_query)));
-        let idle = Session {
-            state: Some(State::Idle),
-            ..running.clone()
-        };
+        let idle = Session { state: Some(State::Idle), ..running.clone() };
         assert!(!query_still_running(&running, Some(&idle)));
         assert!(!query_still_running(&running, None));
     }
 
     #[test]
     fn outcome_labels() {
-        assert_eq!(
-            Outcome::Protected(Protection::Superuser).to_string(),
-            "skipped: superuser"
-        );
-        assert_eq!(
-            Outcome::StillRunningAfterWait.to_string(),
-            "still running after wait"
-        );
+        assert_eq!(Outcome::Protected(Protection::Superuser).to_string(), "skipped: superuser");
+        assert_eq!(Outcome::StillRunningAfterWait.to_string(), "still running after wait");
     }
 }

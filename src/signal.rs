@@ -43,10 +43,13 @@ pub fn may_see_role(role: pg_sys::Oid) -> bool {
     }
 }
 
-/// Is a backend with this PID still in the process array (i.e. still holding a connection slot)?
+/// Does the backend process still exist? A backend leaves the process array (freeing its
+/// connection slot) before its process exits, so "no such process" means really gone. Probing
+/// with kill(pid, 0), as `pg_terminate_backend(pid, timeout)` does, takes no lock that exiting
+/// backends need.
 pub fn backend_alive(pid: i32) -> bool {
-    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns NULL when no backend has the PID.
-    unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
 }
 
 /// Why a signal was not sent.
@@ -81,11 +84,7 @@ pub fn send(pid: i32, signal: Signal) -> Result<(), SignalError> {
             Ok(())
         } else {
             let errno = *libc::__errno_location();
-            Err(if errno == libc::ESRCH {
-                SignalError::Gone
-            } else {
-                SignalError::Os(errno)
-            })
+            Err(if errno == libc::ESRCH { SignalError::Gone } else { SignalError::Os(errno) })
         }
     }
 }

@@ -14,19 +14,10 @@ use std::ffi::{CStr, CString};
 pub struct Name(pub String);
 
 impl FromDatum for Name {
-    unsafe fn from_polymorphic_datum(
-        datum: pg_sys::Datum,
-        is_null: bool,
-        _: pg_sys::Oid,
-    ) -> Option<Name> {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Name> {
         // SAFETY: a non-null `name` datum points at a NUL-terminated NameData.
-        (!is_null).then(|| {
-            Name(
-                unsafe { CStr::from_ptr(datum.cast_mut_ptr()) }
-                    .to_string_lossy()
-                    .into_owned(),
-            )
-        })
+        (!is_null)
+            .then(|| Name(unsafe { CStr::from_ptr(datum.cast_mut_ptr()) }.to_string_lossy().into_owned()))
     }
 }
 
@@ -49,11 +40,7 @@ impl_sql_translatable!(Name, "name");
 pub struct Cidr(pub String);
 
 impl FromDatum for Cidr {
-    unsafe fn from_polymorphic_datum(
-        datum: pg_sys::Datum,
-        is_null: bool,
-        _: pg_sys::Oid,
-    ) -> Option<Cidr> {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Cidr> {
         if is_null {
             return None;
         }

@@ -1,0 +1,296 @@
+//! A real PostgreSQL server with `shared_preload_libraries = 'session_kill'`, started once per
+//! test binary as the `postgres` OS user on a private port and socket directory, plus helpers to
+//! open real client sessions in each state.
+//!
+//! The server comes from `SESSION_KILL_PG_BINDIR` (the `pg_config --bindir` of an installation
+//! that has session_kill installed).
+
+use postgres::{Client, Config, NoTls};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Roles every test can use, created at start-up.
+pub const APP: &str = "app";
+pub const OTHER: &str = "other_app";
+pub const SUPER: &str = "dba";
+pub const SIGNALLER: &str = "signaller"; // member of pg_signal_backend
+pub const PLAIN: &str = "plain"; // no privileges over anyone
+pub const APP_MEMBER: &str = "app_member"; // member of `app`
+
+pub struct Server {
+    pub bindir: PathBuf,
+    pub datadir: PathBuf,
+    pub port: u16,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+/// The shared server of this test binary, started on first use and stopped at exit.
+pub fn server() -> &'static Server {
+    SERVER.get_or_init(|| {
+        let server = Server::start(&["max_connections = 400"]);
+        extern "C" fn stop_at_exit() {
+            if let Some(s) = SERVER.get() {
+                s.stop();
+            }
+        }
+        // SAFETY: registering a plain extern "C" function to run at process exit.
+        unsafe { libc::atexit(stop_at_exit) };
+        server
+    })
+}
+
+impl Server {
+    /// initdb + start a fresh cluster with extra `postgresql.conf` lines.
+    pub fn start(extra_conf: &[&str]) -> Server {
+        let bindir = PathBuf::from(
+            std::env::var("SESSION_KILL_PG_BINDIR")
+                .expect("set SESSION_KILL_PG_BINDIR to the server's bin directory"),
+        );
+        let root = PathBuf::from(
+            std::env::var("SESSION_KILL_TEST_ROOT").unwrap_or_else(|_| "/var/tmp/session_kill".into()),
+        );
+        let port = free_port();
+        let datadir = root.join(format!("cluster-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let _ = std::fs::remove_dir_all(&datadir);
+        std::fs::create_dir_all(&datadir).unwrap();
+        run_checked(Command::new("chown").args(["postgres:", path_str(&root), path_str(&datadir)]));
+        run_checked(as_postgres(&bindir.join("initdb")).args([
+            "-D",
+            path_str(&datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]));
+        let mut conf = vec![
+            format!("port = {port}"),
+            format!("unix_socket_directories = '{}'", datadir.display()),
+            "listen_addresses = '127.0.0.1'".into(),
+            "shared_preload_libraries = 'session_kill'".into(),
+            "log_line_prefix = '%m [%p] %u@%d '".into(),
+            "fsync = off".into(),
+        ];
+        conf.extend(extra_conf.iter().map(|s| s.to_string()));
+        std::fs::write(datadir.join("postgresql.auto.conf"), conf.join("\n") + "\n").unwrap();
+        run_checked(
+            Command::new("chown").args(["postgres:", path_str(&datadir.join("postgresql.auto.conf"))]),
+        );
+        let server = Server { bindir, datadir, port };
+        server.pg_ctl(&["-w", "-t", "60", "-l", path_str(&server.log_path()), "start"]);
+        server.bootstrap();
+        server
+    }
+
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bindir.join("pg_ctl"))
+            .args(["-D", path_str(&self.datadir), "-m", "immediate", "stop"])
+            .output();
+    }
+
+    pub fn pg_ctl(&self, args: &[&str]) {
+        run_checked(
+            as_postgres(&self.bindir.join("pg_ctl")).args(["-D", path_str(&self.datadir)]).args(args),
+        );
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.datadir.join("server.log")
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn bootstrap(&self) {
+        let mut admin = self.admin();
+        admin
+            .batch_execute(&format!(
+                "CREATE EXTENSION session_kill;
+                 CREATE ROLE {APP} LOGIN; CREATE ROLE {OTHER} LOGIN;
+                 CREATE ROLE {SUPER} LOGIN SUPERUSER;
+                 CREATE ROLE {SIGNALLER} LOGIN IN ROLE pg_signal_backend;
+                 CREATE ROLE {PLAIN} LOGIN;
+                 CREATE ROLE {APP_MEMBER} LOGIN IN ROLE {APP};
+                 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill
+                   TO {SIGNALLER}, {PLAIN}, {APP_MEMBER}, {APP};"
+            ))
+            .unwrap();
+    }
+
+    /// Connection settings for a Unix-socket session (client_addr NULL).
+    pub fn config(&self, db: &str, user: &str) -> Config {
+        let mut c = Config::new();
+        c.host_path(&self.datadir).port(self.port).dbname(db).user(user).application_name("pg_test");
+        c.connect_timeout(Duration::from_secs(10));
+        c
+    }
+
+    pub fn connect(&self, db: &str, user: &str) -> Client {
+        self.config(db, user).connect(NoTls).unwrap_or_else(|e| panic!("connect {user}@{db}: {e}"))
+    }
+
+    /// A TCP session from 127.0.0.1 (client_addr set).
+    pub fn connect_tcp(&self, db: &str, user: &str) -> Client {
+        let mut c = Config::new();
+        c.host("127.0.0.1").port(self.port).dbname(db).user(user).application_name("pg_test_tcp");
+        c.connect(NoTls).unwrap_or_else(|e| panic!("connect tcp {user}@{db}: {e}"))
+    }
+
+    /// A superuser session on `postgres` (the caller in most tests).
+    pub fn admin(&self) -> Client {
+        self.connect("postgres", "postgres")
+    }
+
+    /// Creates (or re-creates) a database for one test.
+    pub fn fresh_db(&self, name: &str) -> String {
+        let mut admin = self.admin();
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        name.to_owned()
+    }
+
+    /// Runs a client program (psql, dropdb, pgbench) of this server against it.
+    pub fn client_program(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(program));
+        cmd.env("PGHOST", &self.datadir).env("PGPORT", self.port.to_string()).env("PGUSER", "postgres");
+        cmd
+    }
+
+    /// The number of client sessions connected to `db`, read from pg_stat_activity.
+    pub fn sessions_in(&self, db: &str) -> i64 {
+        self.admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+                &[&db],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// One real client session held open by a test.
+pub struct Session {
+    pub client: Client,
+    pub pid: i32,
+}
+
+impl Session {
+    fn new(mut client: Client) -> Session {
+        let pid = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        Session { client, pid }
+    }
+
+    /// Idle: ran a query, now waits for the client.
+    pub fn idle(client: Client) -> Session {
+        Session::new(client)
+    }
+
+    /// Idle in transaction: `BEGIN` plus a query, then nothing.
+    pub fn idle_in_transaction(client: Client) -> Session {
+        let mut s = Session::new(client);
+        s.client.batch_execute("BEGIN; SELECT 1").unwrap();
+        s
+    }
+
+    /// What the client sees on its next query: alive, or the error that ended it.
+    pub fn probe(&mut self) -> ClientView {
+        match self.client.simple_query("SELECT 1") {
+            Ok(_) => ClientView::Alive,
+            Err(e) => ClientView::Ended(error_code(&e)),
+        }
+    }
+}
+
+/// A session running `pg_sleep` in its own thread; joining yields what its query returned.
+pub struct ActiveSession {
+    pub pid: i32,
+    handle: JoinHandle<(Client, Result<(), String>)>,
+}
+
+impl ActiveSession {
+    /// Starts `SELECT pg_sleep(secs)` and returns once the server shows it as active.
+    pub fn start(server: &Server, mut client: Client, secs: u32) -> ActiveSession {
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let handle = thread::spawn(move || {
+            let result =
+                client.batch_execute(&format!("SELECT pg_sleep({secs})")).map_err(|e| error_code(&e));
+            (client, result)
+        });
+        wait_for(Duration::from_secs(10), || {
+            server
+                .admin()
+                .query_one("SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .map(|r| r.get::<_, Option<bool>>(0) == Some(true))
+                .unwrap_or(false)
+        });
+        ActiveSession { pid, handle }
+    }
+
+    /// The query's result (Err with SQLSTATE) and what the session looks like afterwards.
+    pub fn finish(self) -> (Result<(), String>, ClientView) {
+        let (client, result) = self.handle.join().unwrap();
+        let mut s = Session { client, pid: self.pid };
+        (result, s.probe())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientView {
+    Alive,
+    /// The SQLSTATE the client received, or "closed" when the connection just went away.
+    Ended(String),
+}
+
+/// Terminated by an administrator: `FATAL: terminating connection due to administrator command`.
+pub const ADMIN_SHUTDOWN: &str = "57P01";
+/// Cancelled: `ERROR: canceling statement due to user request`.
+pub const QUERY_CANCELED: &str = "57014";
+
+pub fn error_code(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.code().code().to_owned(),
+        None => "closed".to_owned(),
+    }
+}
+
+/// Polls `done` every 10 ms until true; panics after `timeout`.
+pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "condition not reached within {timeout:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn as_postgres(program: &Path) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"]).arg(program);
+    cmd
+}
+
+pub fn run_checked(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
