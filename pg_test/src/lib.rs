@@ -294,3 +294,67 @@ fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// One row of `kill_sessions`' result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acted {
+    pub pid: i32,
+    pub action: String,
+    pub outcome: String,
+}
+
+/// Runs a `kill_sessions(...)` call (the argument list) as `caller` and returns its rows by PID.
+pub fn kill_as(
+    caller: &mut Client,
+    args: &str,
+) -> Result<std::collections::BTreeMap<i32, Acted>, postgres::Error> {
+    let rows =
+        caller.query(&format!("SELECT pid, action, outcome FROM session_kill.kill_sessions({args})"), &[])?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let a = Acted { pid: r.get(0), action: r.get(1), outcome: r.get(2) };
+            (a.pid, a)
+        })
+        .collect())
+}
+
+/// `kill_as` for the superuser `postgres`, panicking on error.
+pub fn kill(server: &Server, args: &str) -> std::collections::BTreeMap<i32, Acted> {
+    kill_as(&mut server.admin(), args).unwrap_or_else(|e| panic!("kill_sessions({args}): {e:?}"))
+}
+
+/// Asserts the row for `pid` has this action and outcome.
+#[track_caller]
+pub fn assert_acted(rows: &std::collections::BTreeMap<i32, Acted>, pid: i32, action: &str, outcome: &str) {
+    let row = rows.get(&pid).unwrap_or_else(|| panic!("no row for pid {pid} in {rows:#?}"));
+    assert_eq!((row.action.as_str(), row.outcome.as_str()), (action, outcome), "pid {pid}");
+}
+
+/// Asserts the client's session was terminated by an administrator: the client got 57P01, or
+/// (idle clients, which only notice on their next query) its connection was closed right after
+/// the server sent it `FATAL: terminating connection due to administrator command`.
+#[track_caller]
+pub fn assert_terminated(s: &mut Session) {
+    assert_ended_by_admin(s.pid, s.probe());
+}
+
+#[track_caller]
+pub fn assert_ended_by_admin(pid: i32, view: ClientView) {
+    let told = || {
+        server().server_log().lines().any(|l| {
+            l.contains(&format!("[{pid}] "))
+                && l.contains("FATAL:  terminating connection due to administrator command")
+        })
+    };
+    match view {
+        ClientView::Ended(code) if code == ADMIN_SHUTDOWN => {}
+        ClientView::Ended(code) if code == "closed" && told() => {}
+        other => panic!("pid {pid} should have been terminated by an administrator, client saw {other:?}"),
+    }
+}
+
+#[track_caller]
+pub fn assert_alive(s: &mut Session) {
+    assert_eq!(s.probe(), ClientView::Alive, "pid {} should be alive", s.pid);
+}
