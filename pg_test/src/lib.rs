@@ -109,19 +109,25 @@ impl Server {
     }
 
     fn bootstrap(&self) {
-        let mut admin = self.admin();
-        admin
+        self.admin()
             .batch_execute(&format!(
-                "CREATE EXTENSION session_kill;
-                 CREATE ROLE {APP} LOGIN; CREATE ROLE {OTHER} LOGIN;
+                "CREATE ROLE {APP} LOGIN; CREATE ROLE {OTHER} LOGIN;
                  CREATE ROLE {SUPER} LOGIN SUPERUSER;
                  CREATE ROLE {SIGNALLER} LOGIN IN ROLE pg_signal_backend;
                  CREATE ROLE {PLAIN} LOGIN;
-                 CREATE ROLE {APP_MEMBER} LOGIN IN ROLE {APP};
-                 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill
-                   TO {SIGNALLER}, {PLAIN}, {APP_MEMBER}, {APP};"
+                 CREATE ROLE {APP_MEMBER} LOGIN IN ROLE {APP};"
             ))
             .unwrap();
+        // template1 too, so every database a test creates has the extension.
+        for db in ["template1", "postgres"] {
+            self.connect(db, "postgres")
+                .batch_execute(&format!(
+                    "CREATE EXTENSION session_kill;
+                     GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill
+                       TO {SIGNALLER}, {PLAIN}, {APP_MEMBER}, {APP};"
+                ))
+                .unwrap();
+        }
     }
 
     /// Connection settings for a Unix-socket session (client_addr NULL).
