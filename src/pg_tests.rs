@@ -4,12 +4,167 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 mod tests {
+    use crate::backends;
     use pgrx::prelude::*;
+
+    fn kill(args: &str) -> Vec<(i32, String, String)> {
+        Spi::connect(|client| {
+            client
+                .select(
+                    &format!("SELECT pid, action, outcome FROM session_kill.kill_sessions({args})"),
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|row| {
+                    (
+                        row.get::<i32>(1).unwrap().unwrap(),
+                        row.get(2).unwrap().unwrap(),
+                        row.get(3).unwrap().unwrap(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     #[pg_test]
-    fn sessions_lists_own_backend_as_protected() {
-        let own: Option<String> =
-            Spi::get_one("SELECT protected FROM session_kill.sessions() WHERE pid = pg_backend_pid()")
+    fn sessions_describes_own_backend() {
+        let (state, backend_type, query, protected, same_user) = Spi::connect(|client| {
+            let row = client
+                .select(
+                    "SELECT state, backend_type, query, protected, usename = current_user
+                     FROM session_kill.sessions(current_database()) WHERE pid = pg_backend_pid()",
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .first();
+            (
+                row.get::<String>(1).unwrap(),
+                row.get::<String>(2).unwrap(),
+                row.get::<String>(3).unwrap(),
+                row.get::<String>(4).unwrap(),
+                row.get::<bool>(5).unwrap(),
+            )
+        });
+        assert_eq!(state.as_deref(), Some("active"));
+        assert_eq!(backend_type.as_deref(), Some("client backend"));
+        assert!(query.unwrap().contains("sessions_describes_own_backend"), "the top-level statement");
+        assert_eq!(protected.as_deref(), Some("own session"));
+        assert_eq!(same_user, Some(true));
+    }
+
+    #[pg_test]
+    fn live_read_of_shared_entry_matches_the_snapshot() {
+        let own_pid = unsafe { pg_sys::MyProcPid };
+        let from_snapshot =
+            backends::snapshot().into_iter().find(|b| b.session.pid == own_pid).unwrap().session;
+        let live = backends::live_session(own_pid).expect("own backend is live");
+        assert_eq!(live.backend_start, from_snapshot.backend_start);
+        assert_eq!(live.database_oid, from_snapshot.database_oid);
+        assert_eq!(live.role, from_snapshot.role);
+        assert_eq!(live.application, from_snapshot.application);
+        assert!(live.is_own);
+        assert_eq!(backends::live_session(i32::MAX), None, "no such backend");
+    }
+
+    #[pg_test]
+    fn system_processes_are_not_client_sessions() {
+        let checkpointer: i32 =
+            Spi::get_one("SELECT pid FROM session_kill.sessions() WHERE backend_type = 'checkpointer'")
+                .unwrap()
                 .unwrap();
-        assert_eq!(own.as_deref(), Some("own session"));
+        assert_eq!(backends::live_session(checkpointer), None, "not in the process array of backends");
+    }
+
+    #[pg_test]
+    fn dry_run_never_includes_or_touches_the_calling_session() {
+        let rows = kill("current_database(), 'dry_run'");
+        let own = rows.iter().find(|r| r.0 == unsafe { pg_sys::MyProcPid }).unwrap();
+        assert_eq!((own.1.as_str(), own.2.as_str()), ("none", "skipped: own session"));
+        let terminated = kill("current_database(), 'terminate', usename => current_user::name");
+        assert!(terminated.iter().all(|r| r.2 != "terminated" || r.0 != unsafe { pg_sys::MyProcPid }));
+    }
+
+    #[pg_test]
+    fn nothing_matches_in_an_idle_database() {
+        assert!(kill("'template1'").is_empty());
+    }
+
+    #[pg_test(error = "db must not be null")]
+    fn null_database() {
+        kill("NULL");
+    }
+
+    #[pg_test(error = "database \"nowhere\" does not exist")]
+    fn unknown_database() {
+        kill("'nowhere'");
+    }
+
+    #[pg_test(error = "database \"nowhere\" does not exist")]
+    fn unknown_database_in_sessions() {
+        Spi::run("SELECT * FROM session_kill.sessions('nowhere')").unwrap();
+    }
+
+    #[pg_test(error = "invalid mode \"obliterate\"")]
+    fn unknown_mode() {
+        kill("current_database(), 'obliterate'");
+    }
+
+    #[pg_test(error = "min_idle must not be negative")]
+    fn negative_min_idle() {
+        kill("current_database(), min_idle => '-1 hour'");
+    }
+
+    #[pg_test(error = "wait must not be null")]
+    fn null_wait() {
+        kill("current_database(), wait => NULL");
+    }
+
+    #[pg_test(error = "invalid input syntax for type cidr: \"10.0.0.0/40\"")]
+    fn malformed_cidr() {
+        kill("current_database(), client_addr => '10.0.0.0/40'");
+    }
+
+    #[pg_test(error = "invalid session state \"asleep\"")]
+    fn unknown_state() {
+        kill("current_database(), states => ARRAY['idle', 'asleep']");
+    }
+
+    #[pg_test(error = "states must not be empty")]
+    fn empty_states() {
+        kill("current_database(), states => '{}'");
+    }
+
+    #[pg_test(error = "role \"ghost\" does not exist")]
+    fn unknown_role() {
+        kill("current_database(), usename => 'ghost'");
+    }
+
+    #[pg_test(error = "invalid pattern \"trailing\\\"")]
+    fn malformed_pattern() {
+        kill("current_database(), application_name => 'trailing\\'");
+    }
+
+    #[pg_test(error = "db and all_databases => true cannot be combined")]
+    fn database_and_all_databases() {
+        kill("current_database(), all_databases => true");
+    }
+
+    #[pg_test(error = "permission denied to include superuser sessions")]
+    fn include_superusers_needs_a_superuser() {
+        Spi::run(
+            "CREATE ROLE sk_helper;
+             GRANT EXECUTE ON FUNCTION session_kill.kill_sessions TO sk_helper;
+             SET ROLE sk_helper",
+        )
+        .unwrap();
+        kill("current_database(), include_superusers => true");
+    }
+
+    #[pg_test(error = "permission denied for function kill_sessions")]
+    fn execute_is_not_granted_to_public() {
+        Spi::run("CREATE ROLE sk_nobody; SET ROLE sk_nobody").unwrap();
+        kill("current_database(), 'dry_run'");
     }
 }
