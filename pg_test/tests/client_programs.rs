@@ -36,7 +36,7 @@ fn maintenance_script_ends_sessions_then_dropdb_succeeds() {
     sessions.iter_mut().for_each(assert_terminated);
     let active_pid = active.pid;
     let (query, _) = active.finish();
-    assert_eq!(query, Err(ADMIN_SHUTDOWN.into()), "pid {active_pid}");
+    assert_ended_by_admin(active_pid, ClientView::Ended(query.unwrap_err()));
     let exists: bool = s
         .admin()
         .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = 't_nightly')", &[])

@@ -29,8 +29,9 @@ fn terminate_ends_every_client_session_of_the_database_and_only_those() {
     assert_terminated(&mut idle);
     assert_terminated(&mut in_tx);
     assert_terminated(&mut other_role);
+    let active_pid = active.pid;
     let (query, _) = active.finish();
-    assert_eq!(query, Err(ADMIN_SHUTDOWN.into()), "the running query saw the termination");
+    assert_ended_by_admin(active_pid, ClientView::Ended(query.unwrap_err()));
     assert_alive(&mut superuser);
     assert_alive(&mut elsewhere);
 }
