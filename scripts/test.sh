@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs every test of session_kill on PostgreSQL 15 and 18, installing what is missing first:
+#   1. plain `cargo test` of the pure policy module;
+#   2. `cargo pgrx test`: in-backend tests in a server with the library preloaded;
+#   3. pg_test/: integration tests against a real preloaded server with many real clients,
+#      psql scripts, dropdb and pgbench.
+# Usage: scripts/test.sh [15|18 ...]   (default: both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+bash scripts/install-deps.sh
+
+versions=("$@")
+((${#versions[@]})) || versions=(15 18)
+work=/var/tmp/session_kill
+mkdir -p "$work"
+chown postgres: "$work"
+chmod 755 "$work"
+summary=()
+total_passed=0
+total_failed=0
+
+# run_tier NAME COMMAND...: runs a cargo test command, echoing its output, and records the counts
+# from its "test result" lines.
+run_tier() {
+  local name=$1 log
+  shift
+  log=$(mktemp)
+  echo "==> $name: $*"
+  set +e
+  "$@" 2>&1 | tee "$log"
+  local status=${PIPESTATUS[0]}
+  set -e
+  local passed failed
+  passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+  failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
+  rm -f "$log"
+  if ((status != 0 && failed == 0)); then failed=1; fi
+  summary+=("$(printf '%-48s %4d passed, %d failed' "$name" "$passed" "$failed")")
+  total_passed=$((total_passed + passed))
+  total_failed=$((total_failed + failed))
+}
+
+for v in "${versions[@]}"; do
+  case $v in
+    15) pg_config=$PG15_CONFIG ;;
+    18) pg_config=$PG18_CONFIG ;;
+    *) echo "error: unsupported PostgreSQL major \"$v\" (use 15 or 18)" >&2; exit 2 ;;
+  esac
+  features=(--no-default-features --features "pg$v")
+  run_tier "PG$v tier 1: policy unit tests (cargo test)" \
+    cargo test --lib "${features[@]}" policy::
+  export CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=$work/pgrx-test-data-pg$v
+  run_tier "PG$v tier 2: in-backend tests (cargo pgrx test)" \
+    cargo pgrx test "pg$v" pg_tests::
+  cargo pgrx install --pg-config "$pg_config" "${features[@]}" >/dev/null
+  SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$work \
+    run_tier "PG$v tier 3: integration tests (pg_test/)" \
+    cargo test --manifest-path pg_test/Cargo.toml
+done
+
+echo
+echo "Summary"
+printf '  %s\n' "${summary[@]}"
+echo "all tiers: $total_passed passed, $total_failed failed"
+((total_failed == 0))
