@@ -42,11 +42,7 @@ run_tier() {
 }
 
 for v in "${versions[@]}"; do
-  case $v in
-    15) pg_config=$PG15_CONFIG ;;
-    18) pg_config=$PG18_CONFIG ;;
-    *) echo "error: unsupported PostgreSQL major \"$v\" (use 15 or 18)" >&2; exit 2 ;;
-  esac
+  pg_config=$(pg_config_for "$v")
   features=(--no-default-features --features "pg$v")
   run_tier "PG$v tier 1: policy unit tests (cargo test)" \
     cargo test --lib "${features[@]}" policy::

@@ -64,13 +64,7 @@ impl State {
     }
 
     pub fn parse(text: &str) -> Result<State, InputError> {
-        let wanted = text.trim().to_ascii_lowercase();
-        State::ALL.into_iter().find(|s| s.label() == wanted).ok_or_else(|| {
-            InputError::invalid(
-                format!("invalid session state \"{text}\""),
-                format!("Valid states are: {}.", State::ALL.map(State::label).join(", ")),
-            )
-        })
+        parse_label(text, &State::ALL, State::label, "session state", "states")
     }
 }
 
@@ -96,14 +90,26 @@ impl Mode {
     }
 
     pub fn parse(text: &str) -> Result<Mode, InputError> {
-        let wanted = text.trim().to_ascii_lowercase();
-        Mode::ALL.into_iter().find(|m| m.label() == wanted).ok_or_else(|| {
-            InputError::invalid(
-                format!("invalid mode \"{text}\""),
-                format!("Valid modes are: {}.", Mode::ALL.map(Mode::label).join(", ")),
-            )
-        })
+        parse_label(text, &Mode::ALL, Mode::label, "mode", "modes")
     }
+}
+
+/// Finds the value whose label is `text` (case-insensitive); the error hint lists every label.
+fn parse_label<T: Copy>(
+    text: &str,
+    all: &[T],
+    label: fn(T) -> &'static str,
+    what: &str,
+    plural: &str,
+) -> Result<T, InputError> {
+    let wanted = text.trim().to_ascii_lowercase();
+    all.iter().copied().find(|v| label(*v) == wanted).ok_or_else(|| {
+        let valid: Vec<&str> = all.iter().map(|v| label(*v)).collect();
+        InputError::invalid(
+            format!("invalid {what} \"{text}\""),
+            format!("Valid {plural} are: {}.", valid.join(", ")),
+        )
+    })
 }
 
 /// Bad input to a SQL function, reported as ERROR 22023 (invalid_parameter_value) by the caller.

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests): writes figures, with the command that produced them, into
+# benchmarks/results.md. Usage: scripts/bench.sh [15|18 ...]   (default: both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+bash scripts/install-deps.sh
+
+versions=("$@")
+((${#versions[@]})) || versions=(15 18)
+out=benchmarks/results.md
+mkdir -p benchmarks /var/tmp/session_kill
+chown postgres: /var/tmp/session_kill
+cargo build --release --manifest-path pg_test/Cargo.toml --bin bench_kill
+
+{
+  echo "## kill_sessions ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
+  echo
+  echo "Command: \`scripts/bench.sh ${versions[*]}\` (pg_test/src/bin/bench_kill.rs; release build of the extension)."
+  echo
+} >"$out.new"
+for v in "${versions[@]}"; do
+  pg_config=$(pg_config_for "$v")
+  cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$v" >/dev/null
+  SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) pg_test/target/release/bench_kill | tee -a "$out.new"
+  echo >>"$out.new"
+done
+mv "$out.new" "$out"
+echo "wrote $out"
