@@ -14,6 +14,7 @@ versions=("$@")
 ((${#versions[@]})) || versions=(15 18)
 work=/var/tmp/session_kill
 mkdir -p "$work"
+rm -rf "$work"/cluster-*  # clusters of earlier runs; each test binary stops its own at exit
 chown postgres: "$work"
 chmod 755 "$work"
 summary=()
