@@ -242,7 +242,7 @@ fn backend_type_name(e: &pg_sys::PgBackendStatus) -> String {
     }
 }
 
-fn role_name(role: pg_sys::Oid) -> Option<String> {
+pub(crate) fn role_name(role: pg_sys::Oid) -> Option<String> {
     if role == pg_sys::InvalidOid {
         return None;
     }

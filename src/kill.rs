@@ -155,28 +155,33 @@ fn kill_sessions(
     }))
 }
 
-struct KillRequest {
-    mode: Mode,
-    filter: Filter,
-    grace: Micros,
-    wait: Micros,
-    protections: Protections,
-    reason: Option<String>,
+pub(crate) struct KillRequest {
+    pub(crate) mode: Mode,
+    pub(crate) filter: Filter,
+    pub(crate) grace: Micros,
+    pub(crate) wait: Micros,
+    pub(crate) protections: Protections,
+    pub(crate) reason: Option<String>,
 }
 
 /// A matching session and what happened to it so far.
-struct Target {
-    backend: Backend,
+pub(crate) struct Target {
+    pub(crate) backend: Backend,
     /// The latest re-checked view of the session.
-    chosen: Session,
+    pub(crate) chosen: Session,
     selected_state: Option<State>,
     selected_idle_for: Option<Micros>,
-    action: &'static str,
-    outcome: Option<Outcome>,
+    pub(crate) action: &'static str,
+    pub(crate) outcome: Option<Outcome>,
 }
 
 impl KillRequest {
-    fn execute(&self) -> Vec<Target> {
+    pub(crate) fn execute(&self) -> Vec<Target> {
+        self.act(self.select())
+    }
+
+    /// The matching sessions, with protected ones (and, in dry run, all) already decided.
+    pub(crate) fn select(&self) -> Vec<Target> {
         let now = backends::now();
         let mut targets: Vec<Target> = backends::snapshot()
             .into_iter()
@@ -198,10 +203,14 @@ impl KillRequest {
                 None => None,
             };
         }
+        targets
+    }
+
+    /// Signals every undecided target as the mode says and waits as configured.
+    pub(crate) fn act(&self, mut targets: Vec<Target>) -> Vec<Target> {
         if self.mode == Mode::DryRun {
             return targets;
         }
-
         let (cancelled, mut terminated) = self.first_signals(&mut targets);
         match self.mode {
             Mode::Cancel => self.await_cancellations(&mut targets, &cancelled),
@@ -351,7 +360,7 @@ fn mark(targets: &mut [Target], indexes: &[usize], outcome: Outcome) {
     }
 }
 
-fn configured_protections(include_superusers: bool) -> Protections {
+pub(crate) fn configured_protections(include_superusers: bool) -> Protections {
     Protections::from_settings(
         &gucs::list(&gucs::PROTECTED_ROLES),
         &gucs::list(&gucs::PROTECTED_APPLICATIONS),
@@ -360,7 +369,7 @@ fn configured_protections(include_superusers: bool) -> Protections {
 }
 
 /// Only a superuser may lift the superuser protection.
-fn superuser_choice(include_superusers: Option<bool>) -> bool {
+pub(crate) fn superuser_choice(include_superusers: Option<bool>) -> bool {
     let include =
         include_superusers.unwrap_or_else(|| null_argument("include_superusers", "Pass true or false."));
     // SAFETY: superuser() checks the current user, valid inside a transaction.
@@ -374,7 +383,7 @@ fn superuser_choice(include_superusers: Option<bool>) -> bool {
     include
 }
 
-fn database_oid(name: &str) -> u32 {
+pub(crate) fn database_oid(name: &str) -> u32 {
     let c_name = CString::new(name).unwrap_or_default();
     // SAFETY: catalog lookup with missing_ok = true.
     let oid = unsafe { pg_sys::get_database_oid(c_name.as_ptr(), true) };
@@ -412,21 +421,21 @@ fn state_list(states: Vec<Option<String>>) -> Vec<State> {
         .collect()
 }
 
-fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
+pub(crate) fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
     let value = value.unwrap_or_else(|| {
         null_argument(name, &format!("Pass a duration such as '5s', or '0' for none, as {name}."))
     });
     or_raise(crate::policy::non_negative(name, value.as_micros()))
 }
 
-fn duration(micros: Micros) -> Duration {
+pub(crate) fn duration(micros: Micros) -> Duration {
     Duration::from_micros(micros.max(0) as u64)
 }
 
-fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
+pub(crate) fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
     (micros != 0).then(|| TimestampWithTimeZone::try_from(micros).ok()).flatten()
 }
 
-fn interval(micros: Micros) -> Interval {
+pub(crate) fn interval(micros: Micros) -> Interval {
     Interval::from_micros(micros).justify_hours()
 }

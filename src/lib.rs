@@ -1,9 +1,14 @@
 //! session_kill: list, cancel, terminate and drain client sessions from inside the server.
+//!
+//! `_PG_init` registers the settings and, when preloaded, the drain gate's shared memory and
+//! authentication hook.
 
 use pgrx::prelude::*;
 
 mod backends;
+mod drain;
 mod errors;
+mod gate;
 mod gucs;
 mod kill;
 mod policy;
@@ -15,6 +20,10 @@ mod sqltypes;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
+    // SAFETY: reading a flag PostgreSQL sets while loading shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        drain::init_preloaded();
+    }
     // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"session_kill".as_ptr()) };
 }

@@ -52,6 +52,13 @@ pub fn backend_alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
 }
 
+/// Is this PID a backend in the process array? Backends enter it before authentication, so
+/// this also sees logins still starting up.
+pub fn in_process_array(pid: i32) -> bool {
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns NULL when no backend has the PID.
+    unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
 /// Why a signal was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalError {

@@ -364,3 +364,55 @@ pub fn assert_ended_by_admin(pid: i32, view: ClientView) {
 pub fn assert_alive(s: &mut Session) {
     assert_eq!(s.probe(), ClientView::Alive, "pid {} should be alive", s.pid);
 }
+
+impl Server {
+    pub fn restart(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "-l", path_str(&self.log_path()), "restart"]);
+    }
+}
+
+/// One login attempt by a `Reconnector`.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub started: std::time::SystemTime,
+    /// Ok when the login succeeded, else the SQLSTATE it was refused with.
+    pub result: Result<(), String>,
+}
+
+/// A client that keeps logging in to a database in a loop (hold briefly, disconnect, again),
+/// like an application pool re-filling itself during maintenance.
+pub struct Reconnector {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<Vec<Attempt>>,
+}
+
+impl Reconnector {
+    pub fn start(config: Config) -> Reconnector {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut attempts = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let started = std::time::SystemTime::now();
+                let result = config.connect(NoTls).and_then(|mut c| {
+                    c.simple_query("SELECT 1")?;
+                    thread::sleep(Duration::from_millis(20));
+                    Ok(())
+                });
+                attempts.push(Attempt { started, result: result.map_err(|e| error_code(&e)) });
+                thread::sleep(Duration::from_millis(2));
+            }
+            attempts
+        });
+        Reconnector { stop, handle }
+    }
+
+    pub fn stop(self) -> Vec<Attempt> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// Refused because the database is being drained.
+pub const CANNOT_CONNECT_NOW: &str = "57P03";

@@ -1,0 +1,448 @@
+//! Draining a database: a connection gate in shared memory checked at client authentication,
+//! plus `drain_database()`, `undrain_database()` and `drains()`.
+
+use crate::backends;
+use crate::errors::{null_argument, raise};
+use crate::gate::{DbName, Gate, GateError, GateTable, Verdict};
+use crate::kill::{self, KillRequest, Target};
+use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
+use crate::signal;
+use crate::sqltypes::Name;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys::libpq::be::Port;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLogLevel, PgLwLock, PgSqlErrorCode};
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+// SAFETY: GateTable is plain Copy data with no pointers.
+unsafe impl PGRXSharedMemory for GateTable {}
+
+// SAFETY: the name is unique to this extension.
+static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+static mut PREVIOUS_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type = None;
+
+/// From `_PG_init` when loaded by `shared_preload_libraries`: shared memory and the hook.
+pub fn init_preloaded() {
+    pg_shmem_init!(GATES = GateTable::default());
+    // SAFETY: _PG_init runs once in the postmaster before any backend; we chain the previous hook.
+    unsafe {
+        PREVIOUS_AUTH_HOOK = pg_sys::libpq::ClientAuthentication_hook;
+        pg_sys::libpq::ClientAuthentication_hook = Some(check_gate);
+    }
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+/// Runs after PostgreSQL authenticated a login: refuses it if its database is being drained,
+/// otherwise remembers it so a drain that starts now also waits for it.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
+    // SAFETY: PostgreSQL passes a valid Port; the previous hook gets the same arguments.
+    unsafe {
+        if let Some(previous) = PREVIOUS_AUTH_HOOK {
+            previous(port, status);
+        }
+        if status != pg_sys::STATUS_OK as i32 || pg_sys::am_walsender || (*port).database_name.is_null() {
+            return;
+        }
+        let datname = DbName::new(&CStr::from_ptr((*port).database_name).to_string_lossy());
+        let now = backends::now();
+        let lets_superusers_in = GATES.share().find(&datname, now).is_some_and(|g| g.allow_superusers);
+        let superuser = lets_superusers_in && role_is_superuser((*port).user_name);
+        let verdict = GATES.exclusive().admit(pg_sys::MyProcPid, &datname, superuser, now);
+        if let Verdict::Refuse(gate) = verdict {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_CANNOT_CONNECT_NOW,
+                format!("database \"{}\" is being drained by session_kill", datname.as_str()),
+                "",
+            )
+            .set_detail(gate_detail(&gate))
+            .set_hint(format!(
+                "New connections are refused until SELECT session_kill.undrain_database('{}') reopens it.",
+                datname.as_str()
+            ))
+            .report(PgLogLevel::FATAL);
+        }
+    }
+}
+
+unsafe fn role_is_superuser(user_name: *const std::ffi::c_char) -> bool {
+    // SAFETY: a syscache lookup on the shared pg_authid catalog, as authentication itself does.
+    unsafe {
+        let role = pg_sys::get_role_oid(user_name, true);
+        role != pg_sys::InvalidOid && pg_sys::superuser_arg(role)
+    }
+}
+
+fn gate_detail(gate: &Gate) -> String {
+    let since = timestamp_text(gate.since);
+    match gate.reopen_at {
+        0 => format!("It has been closed since {since}."),
+        at => format!("It has been closed since {since} and reopens at {}.", timestamp_text(at)),
+    }
+}
+
+/// Closes `db` to new connections, cancels running queries, waits `grace`, terminates what is
+/// left and waits until no session of `db` remains. Raises an ERROR (leaving the database
+/// closed) if sessions remain after `timeout`.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn drain_database(
+    db: Option<Name>,
+    timeout: default!(Option<Interval>, "'30s'"),
+    grace: default!(Option<Interval>, "'5s'"),
+    include_superusers: default!(Option<bool>, "false"),
+    allow_superusers: default!(Option<bool>, "false"),
+    reopen_after: default!(Option<Interval>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(datname, Name),
+        name!(sessions_at_start, i32),
+        name!(cancelled, i32),
+        name!(terminated, i32),
+        name!(remaining, i32),
+        name!(refused_logins, i64),
+        name!(elapsed, Interval),
+    ),
+> {
+    require_preloaded();
+    let db = db.unwrap_or_else(|| null_argument("db", "Name the database to drain.")).0;
+    let timeout = kill::duration_arg("timeout", timeout);
+    let grace = kill::duration_arg("grace", grace);
+    let include_superusers = kill::superuser_choice(include_superusers);
+    let allow_superusers =
+        allow_superusers.unwrap_or_else(|| null_argument("allow_superusers", "Pass true or false."));
+    let reopen_after = reopen_after.map(|r| kill::duration_arg("reopen_after", Some(r)));
+    let oid = kill::database_oid(&db);
+    // SAFETY: MyDatabaseId is set for every connected backend.
+    if oid == unsafe { pg_sys::MyDatabaseId }.to_u32() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("cannot drain the current database \"{db}\""),
+            "Connect to another database, such as postgres, and call drain_database from there.",
+        );
+    }
+    require_database_owner(oid, &db);
+
+    let report = Drain::new(&db, oid, timeout, grace, include_superusers).run(allow_superusers, reopen_after);
+    TableIterator::once((
+        Name(db),
+        report.at_start,
+        report.cancelled,
+        report.terminated,
+        report.remaining,
+        report.refused as i64,
+        kill::interval(report.elapsed.as_micros() as Micros),
+    ))
+}
+
+/// Reopens a drained database. Returns false (with a notice) if it was not closed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn undrain_database(db: Option<Name>) -> bool {
+    require_preloaded();
+    let db = db.unwrap_or_else(|| null_argument("db", "Name the database to reopen.")).0;
+    let name = DbName::new(&db);
+    let now = backends::now();
+    let Some(gate) = GATES.share().find(&name, now) else {
+        notice!("database \"{db}\" is not being drained");
+        return false;
+    };
+    // The database may have been dropped while closed; then its closer or a superuser reopens it.
+    let c_name = CString::new(db.as_str()).unwrap_or_default();
+    // SAFETY: catalog lookup with missing_ok = true; privilege checks on the current user.
+    let allowed = unsafe {
+        let oid = pg_sys::get_database_oid(c_name.as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            pg_sys::superuser() || pg_sys::GetUserId().to_u32() == gate.closed_by
+        } else {
+            is_database_owner(oid)
+        }
+    };
+    if !allowed {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of database {db}"),
+            "Only the owner of the database, or a superuser, can reopen it.",
+        );
+    }
+    GATES.exclusive().open(&name, now);
+    log!("session_kill: reopened database \"{db}\" to new connections");
+    true
+}
+
+/// The databases closed to new connections right now.
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)]
+fn drains() -> TableIterator<
+    'static,
+    (
+        name!(datname, Name),
+        name!(since, Option<TimestampWithTimeZone>),
+        name!(closed_by, Option<Name>),
+        name!(refused_logins, i64),
+        name!(reopen_at, Option<TimestampWithTimeZone>),
+        name!(allow_superusers, bool),
+    ),
+> {
+    require_preloaded();
+    let gates = GATES.share().list(backends::now());
+    TableIterator::new(gates.into_iter().map(|g| {
+        (
+            Name(g.datname.as_str().to_owned()),
+            kill::timestamp(g.since),
+            backends::role_name(pg_sys::Oid::from(g.closed_by)).map(Name),
+            g.refused as i64,
+            kill::timestamp(g.reopen_at),
+            g.allow_superusers,
+        )
+    }))
+}
+
+/// What a drain did, for its report row.
+struct Report {
+    at_start: i32,
+    cancelled: i32,
+    terminated: i32,
+    remaining: i32,
+    refused: u64,
+    elapsed: Duration,
+}
+
+struct Drain {
+    db: String,
+    name: DbName,
+    timeout: Duration,
+    request: KillRequest,
+    started: Instant,
+}
+
+/// Polling interval while waiting for late logins and exits.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(1);
+
+impl Drain {
+    fn new(db: &str, oid: u32, timeout: Micros, grace: Micros, include_superusers: bool) -> Drain {
+        let grace = grace.min(timeout);
+        Drain {
+            db: db.to_owned(),
+            name: DbName::new(db),
+            timeout: kill::duration(timeout),
+            request: KillRequest {
+                mode: Mode::CancelThenTerminate,
+                filter: Filter {
+                    database: DatabaseScope::One(oid),
+                    min_idle: 0,
+                    role: None,
+                    application: None,
+                    client: None,
+                    states: None,
+                },
+                grace,
+                wait: timeout - grace,
+                protections: kill::configured_protections(include_superusers),
+                reason: Some(format!("drain of database \"{db}\"")),
+            },
+            started: Instant::now(),
+        }
+    }
+
+    fn run(mut self, allow_superusers: bool, reopen_after: Option<Micros>) -> Report {
+        let now = backends::now();
+        // SAFETY: GetUserId is valid inside a transaction.
+        let closed_by = unsafe { pg_sys::GetUserId() }.to_u32();
+        let gate = Gate {
+            datname: self.name,
+            since: now,
+            closed_by,
+            refused: 0,
+            reopen_at: reopen_after.map_or(0, |r| now + r.max(1)),
+            allow_superusers,
+        };
+        if let Err(GateError::Full) = GATES.exclusive().close(gate, now) {
+            raise(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                "too many databases are being drained",
+                "Reopen some with session_kill.undrain_database(); session_kill.drains() lists them.",
+            );
+        }
+        log!("session_kill: closed database \"{}\" to new connections", self.db);
+        // Logins admitted just before the gate closed may not be visible as sessions yet.
+        let admitted = GATES.share().admitted_to(&self.name);
+
+        let first = self.request.select();
+        let at_start = first.len() as i32;
+        let mut handled: HashSet<(i32, Micros)> = HashSet::new();
+        let mut totals = (0, 0);
+        self.tally(self.request.act(first), &mut handled, &mut totals);
+
+        // Sweep: end sessions that appear late, wait for the rest to go.
+        self.request.mode = Mode::Terminate;
+        self.request.wait = 0;
+        let remaining = loop {
+            let left = self.sessions_left();
+            let starting = admitted.iter().filter(|pid| self.still_starting(**pid, &left)).count();
+            if (left.is_empty() && starting == 0) || self.started.elapsed() >= self.timeout {
+                break (left, starting);
+            }
+            let fresh: Vec<Target> = self
+                .request
+                .select()
+                .into_iter()
+                .filter(|t| !handled.contains(&(t.chosen.pid, t.chosen.backend_start)))
+                .collect();
+            if !fresh.is_empty() {
+                self.tally(self.request.act(fresh), &mut handled, &mut totals);
+            }
+            signal::wait_until(SWEEP_INTERVAL, || false);
+        };
+        let refused = GATES.share().find(&self.name, backends::now()).map_or(0, |g| g.refused);
+        let (left, starting) = remaining;
+        if !left.is_empty() || starting > 0 {
+            self.fail(&left, starting);
+        }
+        log!(
+            "session_kill: drained database \"{}\" in {:.3} s: {} sessions at start, {} cancelled, {} terminated, {} logins refused",
+            self.db,
+            self.started.elapsed().as_secs_f64(),
+            at_start,
+            totals.0,
+            totals.1,
+            refused
+        );
+        Report {
+            at_start,
+            cancelled: totals.0,
+            terminated: totals.1,
+            remaining: 0,
+            refused,
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    /// Counts cancels and terminations, and remembers which backends were dealt with.
+    fn tally(&self, targets: Vec<Target>, handled: &mut HashSet<(i32, Micros)>, totals: &mut (i32, i32)) {
+        for t in targets {
+            if t.action.starts_with("cancel") {
+                totals.0 += 1;
+            }
+            if t.action.ends_with("terminate") {
+                totals.1 += 1;
+            }
+            // Protected sessions stay "handled" too: they are reported at the timeout.
+            if t.outcome != Some(Outcome::AlreadyGone) {
+                handled.insert((t.chosen.pid, t.chosen.backend_start));
+            }
+        }
+    }
+
+    /// Client sessions of the database that still exist.
+    fn sessions_left(&self) -> Vec<Session> {
+        let DatabaseScope::One(oid) = self.request.filter.database else {
+            unreachable!("a drain names one database")
+        };
+        backends::sessions()
+            .into_values()
+            .filter(|s| s.kind == crate::policy::BackendKind::Client && s.database_oid == oid)
+            .collect()
+    }
+
+    /// A login admitted before the gate closed that is alive but not yet a visible session.
+    fn still_starting(&self, pid: i32, visible: &[Session]) -> bool {
+        signal::in_process_array(pid)
+            && !visible.iter().any(|s| s.pid == pid)
+            && backends::live_session(pid).is_none()
+    }
+
+    fn fail(&self, left: &[Session], starting: usize) -> ! {
+        let protections = &self.request.protections;
+        let mut lines: Vec<String> = left
+            .iter()
+            .map(|s| {
+                let why = protections.protection(s).map_or("did not exit", |p| p.label());
+                format!(
+                    "pid {} (user {}, application \"{}\", state {}): {why}",
+                    s.pid,
+                    s.role.as_deref().unwrap_or("?"),
+                    s.application,
+                    s.state.map_or("unknown", |st| st.label())
+                )
+            })
+            .collect();
+        if starting > 0 {
+            lines.push(format!("{starting} login(s) admitted before the gate closed are still starting"));
+        }
+        let count = left.len() + starting;
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!(
+                "database \"{}\" still has {count} session{} after {}",
+                self.db,
+                if count == 1 { "" } else { "s" },
+                humantime(self.timeout)
+            ),
+            "",
+        )
+        .set_detail(format!("Remaining: {}.", lines.join("; ")))
+        .set_hint(format!(
+            "The database stays closed to new connections. End the remaining sessions and drain again, or reopen it with SELECT session_kill.undrain_database('{}').",
+            self.db
+        ))
+        .report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn require_preloaded() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "session_kill must be loaded via shared_preload_libraries",
+            "Add session_kill to shared_preload_libraries in postgresql.conf and restart the server.",
+        );
+    }
+}
+
+/// Draining needs the rights ALTER DATABASE needs: ownership of the database (or superuser).
+fn require_database_owner(oid: u32, db: &str) {
+    if !is_database_owner(pg_sys::Oid::from(oid)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of database {db}"),
+            "Only the owner of the database, or a superuser, can drain it.",
+        );
+    }
+}
+
+fn is_database_owner(oid: pg_sys::Oid) -> bool {
+    // SAFETY: ownership check on the current user, valid inside a transaction.
+    unsafe { database_ownercheck(oid, pg_sys::GetUserId()) }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn database_ownercheck(oid: pg_sys::Oid, role: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookup; superusers pass, as in PostgreSQL.
+    unsafe { pg_sys::pg_database_ownercheck(oid, role) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn database_ownercheck(oid: pg_sys::Oid, role: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookup; superusers pass, as in PostgreSQL.
+    unsafe { pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, oid, role) }
+}
+
+fn timestamp_text(micros: Micros) -> String {
+    kill::timestamp(micros).map_or_else(|| "?".to_owned(), |t| t.to_string())
+}

@@ -1,0 +1,248 @@
+//! The drain gates: which databases refuse new connections, and which logins were admitted
+//! recently. Plain Rust with fixed-size arrays so the whole table can live in shared memory
+//! (`drain.rs` puts it behind an LWLock); no pgrx types, covered by plain `#[test]`s.
+//!
+//! Gates are keyed by database name, because that is all a login has when it is checked, and
+//! because a drained database that is dropped and re-created under the same name (a migration)
+//! should stay closed until someone reopens it.
+
+use crate::policy::Micros;
+
+/// How many databases can be closed at once.
+pub const MAX_GATES: usize = 64;
+/// How many recent admissions are remembered: enough to cover every login still starting up.
+pub const RECENT_ADMISSIONS: usize = 1024;
+/// PostgreSQL's NAMEDATALEN: names are at most 63 bytes plus a NUL.
+const NAME_LEN: usize = 64;
+
+/// A database name as stored in shared memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DbName([u8; NAME_LEN]);
+
+impl DbName {
+    /// Truncates like PostgreSQL does (at a character boundary below 64 bytes).
+    pub fn new(name: &str) -> DbName {
+        let mut end = name.len().min(NAME_LEN - 1);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; NAME_LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        DbName(bytes)
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = self.0.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
+        std::str::from_utf8(&self.0[..len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for DbName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// One closed database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    pub datname: DbName,
+    pub since: Micros,
+    /// OID of the role that closed it.
+    pub closed_by: u32,
+    pub refused: u64,
+    /// When it reopens by itself; 0 = only by undrain.
+    pub reopen_at: Micros,
+    pub allow_superusers: bool,
+}
+
+impl Gate {
+    fn expired(&self, now: Micros) -> bool {
+        self.reopen_at != 0 && now >= self.reopen_at
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Admission {
+    pid: i32,
+    datname: DbName,
+}
+
+/// What the authentication hook does with a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Admit,
+    Refuse(Gate),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateError {
+    Full,
+}
+
+/// Every gate plus a ring of recent admissions.
+#[derive(Clone, Copy)]
+pub struct GateTable {
+    gates: [Option<Gate>; MAX_GATES],
+    recent: [Option<Admission>; RECENT_ADMISSIONS],
+    next_recent: usize,
+}
+
+impl Default for GateTable {
+    fn default() -> Self {
+        GateTable { gates: [None; MAX_GATES], recent: [None; RECENT_ADMISSIONS], next_recent: 0 }
+    }
+}
+
+impl GateTable {
+    /// Closes `datname`. Closing a closed gate updates its options but keeps its history.
+    pub fn close(&mut self, gate: Gate, now: Micros) -> Result<Gate, GateError> {
+        self.expire(now);
+        if let Some(existing) = self.gates.iter_mut().flatten().find(|g| g.datname == gate.datname) {
+            existing.reopen_at = gate.reopen_at;
+            existing.allow_superusers = gate.allow_superusers;
+            return Ok(*existing);
+        }
+        let slot = self.gates.iter_mut().find(|g| g.is_none()).ok_or(GateError::Full)?;
+        *slot = Some(gate);
+        Ok(gate)
+    }
+
+    /// Reopens `datname`; returns the gate it removed, if it was closed.
+    pub fn open(&mut self, datname: &DbName, now: Micros) -> Option<Gate> {
+        self.expire(now);
+        let slot = self.gates.iter_mut().find(|g| g.is_some_and(|g| g.datname == *datname))?;
+        slot.take()
+    }
+
+    pub fn find(&self, datname: &DbName, now: Micros) -> Option<Gate> {
+        self.gates.iter().flatten().find(|g| g.datname == *datname && !g.expired(now)).copied()
+    }
+
+    /// The closed gates, oldest first.
+    pub fn list(&self, now: Micros) -> Vec<Gate> {
+        let mut gates: Vec<Gate> = self.gates.iter().flatten().filter(|g| !g.expired(now)).copied().collect();
+        gates.sort_by_key(|g| g.since);
+        gates
+    }
+
+    /// Decides on a login that passed authentication, counting refusals and remembering
+    /// admissions. `superuser` says whether the login's role is a superuser (only consulted when
+    /// the gate lets superusers through).
+    pub fn admit(&mut self, pid: i32, datname: &DbName, superuser: bool, now: Micros) -> Verdict {
+        self.expire(now);
+        if let Some(gate) = self.gates.iter_mut().flatten().find(|g| g.datname == *datname) {
+            if !(gate.allow_superusers && superuser) {
+                gate.refused += 1;
+                return Verdict::Refuse(*gate);
+            }
+        }
+        self.recent[self.next_recent] = Some(Admission { pid, datname: *datname });
+        self.next_recent = (self.next_recent + 1) % RECENT_ADMISSIONS;
+        Verdict::Admit
+    }
+
+    /// PIDs of recent logins admitted to `datname`: some may still be starting up and not yet
+    /// visible as sessions when a drain begins.
+    pub fn admitted_to(&self, datname: &DbName) -> Vec<i32> {
+        self.recent.iter().flatten().filter(|a| a.datname == *datname).map(|a| a.pid).collect()
+    }
+
+    fn expire(&mut self, now: Micros) {
+        for slot in &mut self.gates {
+            if slot.is_some_and(|g| g.expired(now)) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(name: &str, since: Micros) -> Gate {
+        Gate {
+            datname: DbName::new(name),
+            since,
+            closed_by: 10,
+            refused: 0,
+            reopen_at: 0,
+            allow_superusers: false,
+        }
+    }
+
+    #[test]
+    fn a_closed_database_refuses_and_counts_others_are_untouched() {
+        let mut t = GateTable::default();
+        t.close(gate("shop", 100), 100).unwrap();
+        assert!(matches!(t.admit(1, &DbName::new("shop"), false, 200), Verdict::Refuse(g) if g.refused == 1));
+        assert!(matches!(t.admit(2, &DbName::new("shop"), true, 200), Verdict::Refuse(g) if g.refused == 2));
+        assert_eq!(t.admit(3, &DbName::new("postgres"), false, 200), Verdict::Admit);
+        assert_eq!(t.find(&DbName::new("shop"), 300).unwrap().refused, 2);
+        assert_eq!(t.admitted_to(&DbName::new("postgres")), vec![3]);
+        assert!(t.admitted_to(&DbName::new("shop")).is_empty());
+    }
+
+    #[test]
+    fn superusers_pass_only_when_allowed() {
+        let mut t = GateTable::default();
+        t.close(Gate { allow_superusers: true, ..gate("shop", 1) }, 1).unwrap();
+        assert_eq!(t.admit(1, &DbName::new("shop"), true, 2), Verdict::Admit);
+        assert!(matches!(t.admit(2, &DbName::new("shop"), false, 2), Verdict::Refuse(_)));
+    }
+
+    #[test]
+    fn reopening_and_expiry() {
+        let mut t = GateTable::default();
+        t.close(Gate { reopen_at: 50, ..gate("shop", 10) }, 10).unwrap();
+        assert!(matches!(t.admit(1, &DbName::new("shop"), false, 49), Verdict::Refuse(_)));
+        assert_eq!(t.admit(2, &DbName::new("shop"), false, 50), Verdict::Admit, "reopened by itself");
+        assert!(t.list(50).is_empty());
+        t.close(gate("shop", 60), 60).unwrap();
+        assert!(t.open(&DbName::new("shop"), 70).is_some());
+        assert!(t.open(&DbName::new("shop"), 70).is_none(), "already open");
+        assert_eq!(t.admit(3, &DbName::new("shop"), false, 80), Verdict::Admit);
+    }
+
+    #[test]
+    fn closing_again_keeps_history_and_updates_options() {
+        let mut t = GateTable::default();
+        t.close(gate("shop", 10), 10).unwrap();
+        t.admit(1, &DbName::new("shop"), false, 11);
+        let again = t.close(Gate { allow_superusers: true, ..gate("shop", 20) }, 20).unwrap();
+        assert_eq!((again.since, again.refused, again.allow_superusers), (10, 1, true));
+        assert_eq!(t.list(30).len(), 1);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut t = GateTable::default();
+        for i in 0..MAX_GATES {
+            t.close(gate(&format!("db{i}"), 1), 1).unwrap();
+        }
+        assert_eq!(t.close(gate("one_more", 1), 1), Err(GateError::Full));
+        assert_eq!(t.list(2).len(), MAX_GATES);
+    }
+
+    #[test]
+    fn admissions_ring_forgets_the_oldest() {
+        let mut t = GateTable::default();
+        for pid in 0..(RECENT_ADMISSIONS as i32 + 10) {
+            t.admit(pid, &DbName::new("shop"), false, 1);
+        }
+        let pids = t.admitted_to(&DbName::new("shop"));
+        assert_eq!(pids.len(), RECENT_ADMISSIONS);
+        assert!(!pids.contains(&9) && pids.contains(&10) && pids.contains(&(RECENT_ADMISSIONS as i32 + 9)));
+    }
+
+    #[test]
+    fn names_truncate_like_postgres() {
+        let long = "x".repeat(70);
+        assert_eq!(DbName::new(&long).as_str().len(), 63);
+        let accented = format!("{}é", "a".repeat(62));
+        assert_eq!(DbName::new(&accented).as_str(), "a".repeat(62), "never splits a character");
+        assert_eq!(DbName::new("shop"), DbName::new("shop"));
+        assert_ne!(DbName::new("shop"), DbName::new("Shop"));
+    }
+}
