@@ -167,4 +167,47 @@ mod tests {
         Spi::run("CREATE ROLE sk_nobody; SET ROLE sk_nobody").unwrap();
         kill("current_database(), 'dry_run'");
     }
+
+    #[pg_test]
+    fn drain_of_an_empty_database_reports_and_lists_the_gate() {
+        let (at_start, terminated, remaining) = Spi::get_three::<i32, i32, i32>(
+            "SELECT sessions_at_start, terminated, remaining FROM session_kill.drain_database('template0')",
+        )
+        .unwrap();
+        assert_eq!((at_start, terminated, remaining), (Some(0), Some(0), Some(0)));
+        let listed =
+            Spi::get_one::<i64>("SELECT count(*) FROM session_kill.drains() WHERE datname = 'template0'");
+        assert_eq!(listed, Ok(Some(1)));
+        assert_eq!(Spi::get_one::<bool>("SELECT session_kill.undrain_database('template0')"), Ok(Some(true)));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT session_kill.undrain_database('template0')"),
+            Ok(Some(false))
+        );
+    }
+
+    #[pg_test(error = "cannot drain the current database \"pgrx_tests\"")]
+    fn draining_the_current_database() {
+        Spi::run("SELECT * FROM session_kill.drain_database(current_database())").unwrap();
+    }
+
+    #[pg_test(error = "db must not be null")]
+    fn draining_null() {
+        Spi::run("SELECT * FROM session_kill.drain_database(NULL)").unwrap();
+    }
+
+    #[pg_test(error = "timeout must not be negative")]
+    fn draining_with_negative_timeout() {
+        Spi::run("SELECT * FROM session_kill.drain_database('template0', timeout => '-1s')").unwrap();
+    }
+
+    #[pg_test(error = "must be owner of database template0")]
+    fn draining_needs_ownership() {
+        Spi::run(
+            "CREATE ROLE sk_drainer;
+             GRANT EXECUTE ON FUNCTION session_kill.drain_database TO sk_drainer;
+             SET ROLE sk_drainer",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM session_kill.drain_database('template0')").unwrap();
+    }
 }

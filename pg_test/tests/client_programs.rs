@@ -7,10 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn script(server: &Server, name: &str, db: &str) -> std::process::Output {
+    script_with(server, name, &[db])
+}
+
+fn script_with(server: &Server, name: &str, args: &[&str]) -> std::process::Output {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
     Command::new("bash")
         .arg(path)
-        .arg(db)
+        .args(args)
         .env("PATH", format!("{}:{}", server.bindir.display(), std::env::var("PATH").unwrap()))
         .env("PGHOST", &server.datadir)
         .env("PGPORT", server.port.to_string())
@@ -93,4 +97,54 @@ fn pgbench_clients_are_ended_by_application_name() {
     assert!(stderr.contains("terminating connection due to administrator command"), "{stderr}");
     assert_alive(&mut bystander);
     let _ = std::fs::remove_file(workload);
+}
+
+#[test]
+fn drain_then_dropdb_succeeds_while_clients_keep_reconnecting() {
+    let s = server();
+    let db = s.fresh_db("t_migrate");
+    let mut sessions: Vec<Session> = (0..20).map(|_| Session::idle(s.connect(&db, APP))).collect();
+    let active = ActiveSession::start(s, s.connect(&db, APP), 120);
+    let pools: Vec<Reconnector> = (0..3).map(|_| Reconnector::start(s.config(&db, APP))).collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = script(s, "drain_and_drop.sh", &db);
+
+    let attempts: Vec<Attempt> = pools.into_iter().flat_map(Reconnector::stop).collect();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "script failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("dropped t_migrate"), "{stdout}");
+    sessions.iter_mut().for_each(assert_terminated);
+    assert_eq!(active.finish().0, Err(QUERY_CANCELED.into()));
+    assert!(attempts.iter().any(|a| a.result == Err(CANNOT_CONNECT_NOW.into())), "clients were refused meanwhile");
+    let exists: bool = s
+        .admin()
+        .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = 't_migrate')", &[])
+        .unwrap()
+        .get(0);
+    assert!(!exists);
+}
+
+#[test]
+fn drain_script_stops_before_dropdb_when_sessions_remain() {
+    let s = server();
+    let db = s.fresh_db("t_no_drop");
+    let mut protected = Session::idle(s.connect(&db, SUPER));
+
+    let out = script_with(s, "drain_and_drop.sh", &[&db, "1s"]);
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "psql stopped the script: {stderr}");
+    assert!(stderr.contains("ERROR:  database \"t_no_drop\" still has 1 session after 1s"), "{stderr}");
+    assert!(stderr.contains("DETAIL:  Remaining: pid"), "{stderr}");
+    assert!(stderr.contains("HINT:  The database stays closed to new connections."), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("dropped"));
+    assert_alive(&mut protected);
+    let closed: i64 = s
+        .admin()
+        .query_one("SELECT count(*) FROM session_kill.drains() WHERE datname = 't_no_drop'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(closed, 1, "the database stays closed");
+    s.admin().batch_execute("SELECT session_kill.undrain_database('t_no_drop')").unwrap();
 }
