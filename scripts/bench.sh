@@ -11,18 +11,20 @@ versions=("$@")
 out=benchmarks/results.md
 mkdir -p benchmarks /var/tmp/session_kill
 chown postgres: /var/tmp/session_kill
-cargo build --release --manifest-path pg_test/Cargo.toml --bin bench_kill
+cargo build --release --manifest-path pg_test/Cargo.toml --bins
 
 {
-  echo "## kill_sessions ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
+  echo "## kill_sessions and drain_database ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
   echo
-  echo "Command: \`scripts/bench.sh ${versions[*]}\` (pg_test/src/bin/bench_kill.rs; release build of the extension)."
+  echo "Command: \`scripts/bench.sh ${versions[*]}\` (pg_test/src/bin/bench_kill.rs and bench_drain.rs; release build of the extension)."
   echo
 } >"$out.new"
 for v in "${versions[@]}"; do
   pg_config=$(pg_config_for "$v")
   cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$v" >/dev/null
-  SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) pg_test/target/release/bench_kill | tee -a "$out.new"
+  for bench in bench_kill bench_drain; do
+    SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) "pg_test/target/release/$bench" | tee -a "$out.new"
+  done
   echo >>"$out.new"
 done
 mv "$out.new" "$out"

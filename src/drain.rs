@@ -270,7 +270,6 @@ impl Drain {
             );
         }
         log!("session_kill: closed database \"{}\" to new connections", self.db);
-        // Logins admitted just before the gate closed may not be visible as sessions yet.
         let admitted = GATES.share().admitted_to(&self.name);
 
         let first = self.request.select();
@@ -282,27 +281,29 @@ impl Drain {
         // Sweep: end sessions that appear late, wait for the rest to go.
         self.request.mode = Mode::Terminate;
         self.request.wait = 0;
-        let remaining = loop {
+        // Logins admitted just before the gate closed and not yet visible; each is checked until
+        // it shows up as a session (then it is ended like the others) or goes away.
+        let mut starting = admitted;
+        let left = loop {
             let left = self.sessions_left();
-            let starting = admitted.iter().filter(|pid| self.still_starting(**pid, &left)).count();
-            if (left.is_empty() && starting == 0) || self.started.elapsed() >= self.timeout {
-                break (left, starting);
+            starting.retain(|pid| self.still_starting(*pid, &left));
+            if (left.is_empty() && starting.is_empty()) || self.started.elapsed() >= self.timeout {
+                break left;
             }
-            let fresh: Vec<Target> = self
-                .request
-                .select()
-                .into_iter()
-                .filter(|t| !handled.contains(&(t.chosen.pid, t.chosen.backend_start)))
-                .collect();
-            if !fresh.is_empty() {
+            if left.iter().any(|s| !handled.contains(&(s.pid, s.backend_start))) {
+                let fresh: Vec<Target> = self
+                    .request
+                    .select()
+                    .into_iter()
+                    .filter(|t| !handled.contains(&(t.chosen.pid, t.chosen.backend_start)))
+                    .collect();
                 self.tally(self.request.act(fresh), &mut handled, &mut totals);
             }
             signal::wait_until(SWEEP_INTERVAL, || false);
         };
         let refused = GATES.share().find(&self.name, backends::now()).map_or(0, |g| g.refused);
-        let (left, starting) = remaining;
-        if !left.is_empty() || starting > 0 {
-            self.fail(&left, starting);
+        if !left.is_empty() || !starting.is_empty() {
+            self.fail(&left, starting.len());
         }
         log!(
             "session_kill: drained database \"{}\" in {:.3} s: {} sessions at start, {} cancelled, {} terminated, {} logins refused",

@@ -287,7 +287,7 @@ impl KillRequest {
             return Vec::new();
         }
         signal::wait_until(duration(self.grace), || {
-            cancelled.iter().all(|&i| !signal::backend_alive(targets[i].chosen.pid))
+            cancelled.iter().all(|&i| !signal::in_process_array(targets[i].chosen.pid))
         });
         let mut terminated = Vec::new();
         for &i in cancelled {
@@ -309,7 +309,7 @@ impl KillRequest {
         }
         let mut remaining: Vec<usize> = terminated.to_vec();
         signal::wait_until(duration(self.wait), || {
-            remaining.retain(|&i| signal::backend_alive(targets[i].chosen.pid));
+            remaining.retain(|&i| signal::in_process_array(targets[i].chosen.pid));
             remaining.is_empty()
         });
         mark(targets, terminated, Outcome::Terminated);

@@ -43,17 +43,9 @@ pub fn may_see_role(role: pg_sys::Oid) -> bool {
     }
 }
 
-/// Does the backend process still exist? A backend leaves the process array (freeing its
-/// connection slot) before its process exits, so "no such process" means really gone. Probing
-/// with kill(pid, 0), as `pg_terminate_backend(pid, timeout)` does, takes no lock that exiting
-/// backends need.
-pub fn backend_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
-}
-
-/// Is this PID a backend in the process array? Backends enter it before authentication, so
-/// this also sees logins still starting up.
+/// Is this PID a backend in the process array? A backend leaves it when it exits, freeing its
+/// connection slot (what `DROP DATABASE` and `max_connections` count), and enters it before
+/// authentication, so this also sees logins still starting up.
 pub fn in_process_array(pid: i32) -> bool {
     // SAFETY: BackendPidGetProc takes ProcArrayLock and returns NULL when no backend has the PID.
     unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }

@@ -5,6 +5,8 @@
 //! The server comes from `SESSION_KILL_PG_BINDIR` (the `pg_config --bindir` of an installation
 //! that has session_kill installed).
 
+pub mod stats;
+
 use postgres::{Client, Config, NoTls};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -116,7 +116,10 @@ fn drain_then_dropdb_succeeds_while_clients_keep_reconnecting() {
     assert!(stdout.contains("dropped t_migrate"), "{stdout}");
     sessions.iter_mut().for_each(assert_terminated);
     assert_eq!(active.finish().0, Err(QUERY_CANCELED.into()));
-    assert!(attempts.iter().any(|a| a.result == Err(CANNOT_CONNECT_NOW.into())), "clients were refused meanwhile");
+    assert!(
+        attempts.iter().any(|a| a.result == Err(CANNOT_CONNECT_NOW.into())),
+        "clients were refused meanwhile"
+    );
     let exists: bool = s
         .admin()
         .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = 't_migrate')", &[])

@@ -2,6 +2,7 @@
 //! hand-written recipes, and the cost of `sessions()` versus `pg_stat_activity`, in one run.
 //! Prints a Markdown section for the benchmark results file.
 
+use session_kill_pg_test::stats::{max, median, min, open_idle, rounds, server_version};
 use session_kill_pg_test::{Server, APP};
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,7 @@ fn main() {
     let mut timings: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
     for round in 0..ROUNDS {
         for (i, (_, _, run)) in methods.iter().enumerate().filter(|(_, m)| round < m.1) {
-            let sessions = open_idle(&server, &db);
+            let sessions = open_idle(&server, &db, APP, SESSIONS);
             let start = Instant::now();
             run(&mut admin, &db);
             timings[i].push(start.elapsed().as_secs_f64() * 1000.0);
@@ -51,7 +52,7 @@ fn main() {
         }
     }
 
-    let sessions = open_idle(&server, &db);
+    let sessions = open_idle(&server, &db, APP, SESSIONS);
     let mut listing = |sql: &str| {
         admin.query(sql, &[]).unwrap();
         let start = Instant::now();
@@ -71,13 +72,7 @@ fn main() {
     println!("| method | median | min | max | all rounds |\n|---|---:|---:|---:|---|");
     let baseline = median(&timings[1]);
     for ((name, _, _), t) in methods.iter().zip(&timings) {
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {} |",
-            median(t),
-            min(t),
-            max(t),
-            t.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
-        );
+        println!("| {name} | {:.1} | {:.1} | {:.1} | {} |", median(t), min(t), max(t), rounds(t));
     }
     println!(
         "\n`kill_sessions` / hand-written recipe (medians): **{:.2}×** (target ≤ 1.1×).\n",
@@ -87,33 +82,4 @@ fn main() {
     println!("| query | mean ms per call ({LISTING_CALLS} calls) |\n|---|---:|");
     println!("| `SELECT * FROM session_kill.sessions()` | {ours:.2} |");
     println!("| `SELECT * FROM pg_stat_activity` | {theirs:.2} |");
-}
-
-fn open_idle(server: &Server, db: &str) -> Vec<postgres::Client> {
-    (0..SESSIONS)
-        .map(|_| {
-            let mut c = server.connect(db, APP);
-            c.simple_query("SELECT 1").unwrap();
-            c
-        })
-        .collect()
-}
-
-fn server_version(server: &Server) -> String {
-    let out = server.client_program("postgres").arg("--version").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
 }
