@@ -58,6 +58,11 @@ show "SELECT * FROM session_kill.kill_sessions('shop', states => '{idle in trans
 show "SELECT * FROM session_kill.kill_sessions('shop', 'cancel', application_name => 'batch');"
 show "SELECT * FROM session_kill.kill_sessions('shop', min_idle => '1s', usename => 'reporting');"
 show "SELECT pid, usename, application_name, state, idle_for FROM session_kill.sessions('shop');"
+show "SELECT * FROM session_kill.drain_database('shop', timeout => '10s', grace => '2s');"
+echo; echo "\$ psql -d shop -U shop_app"
+"$bindir/psql" -X -d shop -U shop_app -c "SELECT 1" 2>&1 || true
+show "SELECT * FROM session_kill.drains();"
+show "SELECT session_kill.undrain_database('shop');"
 
 cat <<MSG
 

@@ -55,7 +55,13 @@ fn live_entry(pid: i32) -> Option<pg_sys::PgBackendStatus> {
         if proc.is_null() || pg_sys::MyBEEntry.is_null() {
             return None;
         }
-        let shared = pg_sys::MyBEEntry.offset(status_index_of(proc) - own_status_index());
+        // Regular backends own the first MaxBackends slots; a backend still starting up may have
+        // no backend id yet (PG 15), and then has no entry to read.
+        let index = status_index_of(proc);
+        if !(0..pg_sys::MaxBackends as isize).contains(&index) {
+            return None;
+        }
+        let shared = pg_sys::MyBEEntry.offset(index - own_status_index());
         loop {
             let before = std::ptr::read_volatile(&(*shared).st_changecount);
             fence(Ordering::Acquire);

@@ -6,7 +6,7 @@ use crate::errors::{null_argument, raise};
 use crate::gate::{DbName, Gate, GateError, GateTable, Verdict};
 use crate::kill::{self, KillRequest, Target};
 use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
-use crate::signal;
+use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys::libpq::be::Port;
@@ -284,9 +284,17 @@ impl Drain {
         // Logins admitted just before the gate closed and not yet visible; each is checked until
         // it shows up as a session (then it is ended like the others) or goes away.
         let mut starting = admitted;
+        let mut signalled_starting: HashSet<i32> = HashSet::new();
         let left = loop {
             let left = self.sessions_left();
             starting.retain(|pid| self.still_starting(*pid, &left));
+            // A login admitted just before the gate closed is ended while it starts up, as the
+            // postmaster ends starting backends at shutdown; no need to wait until it is visible.
+            for pid in starting.iter().filter(|pid| signalled_starting.insert(**pid)) {
+                if signal::send(*pid, Signal::Terminate).is_ok() {
+                    totals.1 += 1;
+                }
+            }
             if (left.is_empty() && starting.is_empty()) || self.started.elapsed() >= self.timeout {
                 break left;
             }

@@ -13,7 +13,7 @@ use crate::sqltypes::{self, Name};
 use pgrx::datum::{Inet, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -307,11 +307,16 @@ impl KillRequest {
         if self.wait == 0 {
             return mark(targets, terminated, Outcome::Signalled);
         }
-        let mut remaining: Vec<usize> = terminated.to_vec();
+        // Backends exit roughly in the order they were signalled: checking from the front and
+        // stopping at the first one still there keeps ProcArrayLock free for the exiting ones.
+        let mut remaining: VecDeque<usize> = terminated.iter().copied().collect();
         signal::wait_until(duration(self.wait), || {
-            remaining.retain(|&i| signal::in_process_array(targets[i].chosen.pid));
+            while remaining.front().is_some_and(|&i| !signal::in_process_array(targets[i].chosen.pid)) {
+                remaining.pop_front();
+            }
             remaining.is_empty()
         });
+        let remaining: Vec<usize> = remaining.into();
         mark(targets, terminated, Outcome::Terminated);
         mark(targets, &remaining, Outcome::StillRunningAfterWait);
     }
