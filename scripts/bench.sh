@@ -18,6 +18,10 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bins
   echo
   echo "Command: \`scripts/bench.sh ${versions[*]}\` (pg_test/src/bin/bench_kill.rs and bench_drain.rs; release build of the extension)."
   echo
+  echo "session_kill's calls return only when every signalled backend has left the process array (its connection"
+  echo "slot is free), a stricter end than the recipes' \"pg_stat_activity shows none\", which a backend reaches"
+  echo "earlier in its exit; the drain also waits for logins admitted just before the gate closed."
+  echo
 } >"$out.new"
 for v in "${versions[@]}"; do
   pg_config=$(pg_config_for "$v")
