@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-bash scripts/install-deps.sh
-
-versions=("$@")
-((${#versions[@]})) || versions=(15 18)
+use_majors "$@"
 out=benchmarks/results.md
 mkdir -p benchmarks /var/tmp/session_kill
 chown postgres: /var/tmp/session_kill
@@ -16,14 +13,14 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bins
 {
   echo "## kill_sessions and drain_database ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
   echo
-  echo "Command: \`scripts/bench.sh ${versions[*]}\` (pg_test/src/bin/bench_kill.rs and bench_drain.rs; release build of the extension)."
+  echo "Command: \`scripts/bench.sh ${majors[*]}\` (pg_test/src/bin/bench_kill.rs and bench_drain.rs; release build of the extension)."
   echo
   echo "session_kill's calls return only when every signalled backend has left the process array (its connection"
   echo "slot is free), a stricter end than the recipes' \"pg_stat_activity shows none\", which a backend reaches"
   echo "earlier in its exit; the drain also waits for logins admitted just before the gate closed."
   echo
 } >"$out.new"
-for v in "${versions[@]}"; do
+for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
   cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$v" >/dev/null
   for bench in bench_kill bench_drain; do

@@ -14,3 +14,11 @@ pg_config_for() {
     *) echo "error: unsupported PostgreSQL major \"$1\" (use 15 or 18)" >&2; return 2 ;;
   esac
 }
+
+# use_majors [MAJOR ...]: installs the dependencies and sets `majors` to the PostgreSQL majors
+# asked for, or to every supported one.
+use_majors() {
+  bash scripts/install-deps.sh
+  majors=("$@")
+  ((${#majors[@]})) || majors=(15 18)
+}

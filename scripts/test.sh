@@ -8,10 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-bash scripts/install-deps.sh
-
-versions=("$@")
-((${#versions[@]})) || versions=(15 18)
+use_majors "$@"
 work=/var/tmp/session_kill
 mkdir -p "$work"
 rm -rf "$work"/cluster-*  # clusters of earlier runs; each test binary stops its own at exit
@@ -42,7 +39,7 @@ run_tier() {
   total_failed=$((total_failed + failed))
 }
 
-for v in "${versions[@]}"; do
+for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
   features=(--no-default-features --features "pg$v")
   run_tier "PG$v tier 1: pure unit tests (cargo test)" \

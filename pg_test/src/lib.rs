@@ -171,6 +171,13 @@ impl Server {
         cmd
     }
 
+    pub fn database_exists(&self, db: &str) -> bool {
+        self.admin()
+            .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", &[&db])
+            .unwrap()
+            .get(0)
+    }
+
     /// The number of client sessions connected to `db`, read from pg_stat_activity.
     pub fn sessions_in(&self, db: &str) -> i64 {
         self.admin()

@@ -41,12 +41,7 @@ fn maintenance_script_ends_sessions_then_dropdb_succeeds() {
     let active_pid = active.pid;
     let (query, _) = active.finish();
     assert_ended_by_admin(active_pid, ClientView::Ended(query.unwrap_err()));
-    let exists: bool = s
-        .admin()
-        .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = 't_nightly')", &[])
-        .unwrap()
-        .get(0);
-    assert!(!exists);
+    assert!(!s.database_exists("t_nightly"), "the database was dropped");
 }
 
 #[test]
@@ -120,12 +115,7 @@ fn drain_then_dropdb_succeeds_while_clients_keep_reconnecting() {
         attempts.iter().any(|a| a.result == Err(CANNOT_CONNECT_NOW.into())),
         "clients were refused meanwhile"
     );
-    let exists: bool = s
-        .admin()
-        .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = 't_migrate')", &[])
-        .unwrap()
-        .get(0);
-    assert!(!exists);
+    assert!(!s.database_exists("t_migrate"), "the database was dropped");
 }
 
 #[test]
