@@ -15,7 +15,59 @@ pub static PROTECTED_APPLICATIONS: GucSetting<Option<CString>> = GucSetting::<Op
     c"pg_dump,pg_dumpall,pg_restore,pg_basebackup,pg_receivewal,pgbackrest%,barman%,wal-g%,pg_probackup%",
 ));
 
+/// `session_kill.idle_timeout`: the background worker terminates client sessions idle (outside a
+/// transaction) for longer than this. 0 turns it off. Unlike `idle_session_timeout`, a client
+/// cannot switch it off.
+pub static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `session_kill.idle_in_transaction_timeout`: likewise for sessions idle inside a transaction
+/// (also an aborted one), which hold locks and snapshots.
+pub static IDLE_IN_TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `session_kill.transaction_timeout`: terminates sessions whose transaction is older than this,
+/// running or not (also on PostgreSQL releases without a built-in transaction_timeout).
+pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `session_kill.dry_run`: the worker logs what it would do and signals nothing.
+pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 pub fn register() {
+    for (name, short, setting) in [
+        (
+            c"session_kill.idle_timeout",
+            c"Terminates client sessions idle for longer than this (0 turns it off).",
+            &IDLE_TIMEOUT,
+        ),
+        (
+            c"session_kill.idle_in_transaction_timeout",
+            c"Terminates client sessions idle in a transaction for longer than this (0 turns it off).",
+            &IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
+        (
+            c"session_kill.transaction_timeout",
+            c"Terminates client sessions whose transaction is older than this (0 turns it off).",
+            &TRANSACTION_TIMEOUT,
+        ),
+    ] {
+        GucRegistry::define_int_guc(
+            name,
+            short,
+            c"Enforced by the session_kill background worker; clients cannot change it.",
+            setting,
+            0,
+            i32::MAX,
+            GucContext::Sighup,
+            GucFlags::UNIT_MS,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"session_kill.dry_run",
+        c"The session_kill worker only logs what it would do.",
+        c"",
+        &DRY_RUN,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"session_kill.protected_roles",
         c"Roles whose sessions session_kill never cancels or terminates.",
@@ -41,4 +93,14 @@ pub fn list(setting: &GucSetting<Option<CString>>) -> String {
 
 fn list_input() -> GucFlags {
     GucFlags::from_bits_truncate(pgrx::pg_sys::GUC_LIST_INPUT as i32)
+}
+
+/// The worker's limits right now, in microseconds.
+pub fn limits() -> crate::policy::Limits {
+    let micros = |setting: &GucSetting<i32>| i64::from(setting.get()) * 1000;
+    crate::policy::Limits {
+        idle: micros(&IDLE_TIMEOUT),
+        idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
+        transaction: micros(&TRANSACTION_TIMEOUT),
+    }
 }

@@ -1,7 +1,7 @@
 //! session_kill: list, cancel, terminate and drain client sessions from inside the server.
 //!
 //! `_PG_init` registers the settings and, when preloaded, the drain gate's shared memory and
-//! authentication hook.
+//! authentication hook and the background worker.
 
 use pgrx::prelude::*;
 
@@ -14,6 +14,7 @@ mod kill;
 mod policy;
 mod signal;
 mod sqltypes;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -23,6 +24,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reading a flag PostgreSQL sets while loading shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         drain::init_preloaded();
+        worker::register();
     }
     // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"session_kill".as_ptr()) };

@@ -356,8 +356,14 @@ pub fn assert_terminated(s: &mut Session) {
 
 #[track_caller]
 pub fn assert_ended_by_admin(pid: i32, view: ClientView) {
+    assert_ended_by_admin_on(server(), pid, view)
+}
+
+/// `assert_ended_by_admin` for a server of the test's own.
+#[track_caller]
+pub fn assert_ended_by_admin_on(server: &Server, pid: i32, view: ClientView) {
     let told = || {
-        server().server_log().lines().any(|l| {
+        server.server_log().lines().any(|l| {
             l.contains(&format!("[{pid}] "))
                 && l.contains("FATAL:  terminating connection due to administrator command")
         })

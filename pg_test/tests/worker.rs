@@ -1,0 +1,130 @@
+//! The background worker enforcing idle limits on real sessions. Each test runs its own server
+//! because the limits are server-wide settings.
+
+use postgres::error::SqlState;
+use session_kill_pg_test::*;
+use std::time::Duration;
+
+fn alive(s: &Server, pid: i32) -> bool {
+    s.admin()
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .unwrap()
+        .get::<_, i64>(0)
+        == 1
+}
+
+fn wait_until_gone(s: &Server, pid: i32) {
+    wait_for(Duration::from_secs(20), || !alive(s, pid));
+}
+
+fn logged(s: &Server, text: &str) -> bool {
+    s.server_log().contains(text)
+}
+
+#[test]
+fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
+    let s = Server::start(&["session_kill.idle_timeout = '1s'"]);
+    let mut idle = Session::idle(s.connect("postgres", APP));
+    let mut opted_out = Session::idle(s.connect("postgres", APP));
+    opted_out.client.batch_execute("SET idle_session_timeout = 0").unwrap();
+    let mut superuser = Session::idle(s.connect("postgres", SUPER));
+    let mut dump_cfg = s.config("postgres", APP);
+    dump_cfg.application_name("pg_dump");
+    let mut backup = Session::idle(dump_cfg.connect(postgres::NoTls).unwrap());
+    let mut in_tx = Session::idle_in_transaction(s.connect("postgres", APP));
+    let active = ActiveSession::start(&s, s.connect("postgres", APP), 2);
+
+    wait_until_gone(&s, idle.pid);
+    wait_until_gone(&s, opted_out.pid);
+
+    assert_ended_by_admin_on(&s, idle.pid, idle.probe());
+    assert_ended_by_admin_on(&s, opted_out.pid, opted_out.probe());
+    assert!(logged(&s, &format!("session_kill: terminated pid {} (user app", opted_out.pid)));
+    assert!(logged(&s, "state idle): session_kill.idle_timeout exceeded by"));
+    assert_eq!(active.finish().0, Ok(()), "a running query is not idle, however long it runs");
+    assert_eq!(superuser.probe(), ClientView::Alive, "superusers are protected");
+    assert_eq!(backup.probe(), ClientView::Alive, "backup tools are protected");
+    assert_eq!(in_tx.probe(), ClientView::Alive, "idle_timeout does not cover transactions");
+    s.stop();
+}
+
+#[test]
+fn transaction_limits_end_idle_and_running_transactions() {
+    let s = Server::start(&[
+        "session_kill.idle_in_transaction_timeout = '1s'",
+        "session_kill.transaction_timeout = '3s'",
+    ]);
+    let mut in_tx = Session::idle_in_transaction(s.connect("postgres", APP));
+    let mut aborted = Session::idle_in_transaction(s.connect("postgres", APP));
+    assert!(aborted.client.batch_execute("SELECT 1/0").is_err());
+    let mut idle = Session::idle(s.connect("postgres", APP));
+    let mut long_tx = s.connect("postgres", APP);
+    long_tx.batch_execute("BEGIN").unwrap();
+    let long = ActiveSession::start(&s, long_tx, 30);
+
+    wait_until_gone(&s, in_tx.pid);
+    wait_until_gone(&s, aborted.pid);
+    wait_until_gone(&s, long.pid);
+
+    assert_ended_by_admin_on(&s, in_tx.pid, in_tx.probe());
+    assert_ended_by_admin_on(&s, aborted.pid, aborted.probe());
+    let long_pid = long.pid;
+    let (query, _) = long.finish();
+    assert_ended_by_admin_on(&s, long_pid, ClientView::Ended(query.unwrap_err()));
+    assert!(logged(&s, &format!("terminated pid {long_pid} (user app, application \"pg_test\", state active): session_kill.transaction_timeout exceeded")));
+    assert_eq!(idle.probe(), ClientView::Alive, "no transaction, no transaction limit");
+    s.stop();
+}
+
+#[test]
+fn dry_run_only_logs() {
+    let s = Server::start(&["session_kill.idle_timeout = '500ms'", "session_kill.dry_run = on"]);
+    let mut idle = Session::idle(s.connect("postgres", APP));
+    wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would terminate pid {} ", idle.pid)));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(idle.probe(), ClientView::Alive);
+    s.stop();
+}
+
+#[test]
+fn limits_are_reloaded_and_clients_cannot_change_them() {
+    let s = Server::start(&[]);
+    let mut idle = Session::idle(s.connect("postgres", APP));
+    let err = idle.client.batch_execute("SET session_kill.idle_timeout = 0").unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CANT_CHANGE_RUNTIME_PARAM));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(idle.probe(), ClientView::Alive, "no limit, nothing happens");
+
+    let mut admin = s.admin();
+    admin.batch_execute("ALTER SYSTEM SET session_kill.idle_timeout = '300ms'").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until_gone(&s, idle.pid);
+    assert_ended_by_admin_on(&s, idle.pid, idle.probe());
+    s.stop();
+}
+
+#[test]
+fn the_worker_is_recognisable_and_protected() {
+    let s = Server::start(&[]);
+    let mut admin = s.admin();
+    wait_for(Duration::from_secs(20), || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    let row = admin
+        .query_one(
+            "SELECT a.application_name, s.protected FROM pg_stat_activity a
+             JOIN session_kill.sessions() s USING (pid) WHERE a.backend_type = 'session_kill worker'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "session_kill worker");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("background worker"));
+    s.stop();
+}

@@ -1,0 +1,126 @@
+//! The background worker: enforces `session_kill.idle_timeout`,
+//! `session_kill.idle_in_transaction_timeout` and `session_kill.transaction_timeout` on every
+//! client session. Instead of polling it sleeps on its latch until the earliest deadline (or
+//! until the shortest limit has passed, since nothing that becomes idle later can expire sooner).
+
+use crate::backends;
+use crate::gucs;
+use crate::kill;
+use crate::policy::{BackendKind, Limits, Micros, Session};
+use crate::signal::{self, Signal, SignalError};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+const NAME: &str = "session_kill worker";
+
+/// From `_PG_init` when preloaded. It runs on primaries and hot standbys alike and needs no
+/// database: everything it reads is in shared memory and shared catalogs.
+pub fn register() {
+    BackgroundWorkerBuilder::new(NAME)
+        .set_type(NAME)
+        .set_library("session_kill")
+        .set_function("session_kill_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    // SAFETY: reports our application_name so the worker is recognisable in pg_stat_activity.
+    unsafe { pg_sys::pgstat_report_appname(c"session_kill worker".as_ptr()) };
+    log!("session_kill worker started");
+    let mut worker = Worker::default();
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: what every worker does on SIGHUP, outside a transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let next = BackgroundWorker::transaction(AssertUnwindSafe(|| worker.scan()));
+        if !BackgroundWorker::wait_latch(next.map(until)) {
+            break;
+        }
+    }
+    log!("session_kill worker stopped");
+}
+
+/// From now until `at`, rounded up to whole milliseconds (the latch's resolution) so the worker
+/// never wakes just before a deadline.
+fn until(at: Micros) -> Duration {
+    let micros = (at - backends::now()).max(0) as u64;
+    Duration::from_millis(micros.div_ceil(1000))
+}
+
+#[derive(Default)]
+struct Worker {
+    /// Backends already signalled (or reported, in dry run), by PID and start time.
+    handled: HashSet<(i32, Micros)>,
+}
+
+impl Worker {
+    /// Ends every session past a deadline and returns when to scan next.
+    fn scan(&mut self) -> Option<Micros> {
+        let limits = gucs::limits();
+        let sessions = backends::sessions();
+        self.handled.retain(|(pid, start)| sessions.get(pid).is_some_and(|s| s.backend_start == *start));
+        if limits == Limits::default() {
+            return None;
+        }
+        let protections = kill::configured_protections(false);
+        let now = backends::now();
+        let mut earliest: Option<Micros> = None;
+        for s in sessions.values().filter(|s| s.kind == BackendKind::Client) {
+            if protections.protection(s).is_some() || self.handled.contains(&(s.pid, s.backend_start)) {
+                continue;
+            }
+            match limits.deadline(s) {
+                Some((deadline, _)) if deadline > now => {
+                    earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+                }
+                Some(_) => self.enforce(s, &limits),
+                None => {}
+            }
+        }
+        limits.next_scan(now, earliest)
+    }
+
+    /// Re-reads the session from its live entry and terminates it if it is the same backend and
+    /// still past a deadline (a session that just ran a statement is not ended for idleness).
+    fn enforce(&mut self, chosen: &Session, limits: &Limits) {
+        let now = backends::now();
+        let Some(fresh) = backends::live_session(chosen.pid).filter(|f| f.same_backend(chosen)) else {
+            return;
+        };
+        let Some((deadline, kind)) = limits.deadline(&fresh).filter(|(d, _)| *d <= now) else {
+            return;
+        };
+        self.handled.insert((fresh.pid, fresh.backend_start));
+        let describe = || {
+            format!(
+                "pid {} (user {}, application \"{}\", state {}): {} exceeded by {:.1} ms",
+                fresh.pid,
+                fresh.role.as_deref().unwrap_or("?"),
+                fresh.application,
+                fresh.state.map_or("unknown", |s| s.label()),
+                kind.setting(),
+                (now - deadline) as f64 / 1000.0,
+            )
+        };
+        if gucs::DRY_RUN.get() {
+            log!("session_kill: dry run, would terminate {}", describe());
+            return;
+        }
+        match signal::send(fresh.pid, Signal::Terminate) {
+            Ok(()) => log!("session_kill: terminated {}", describe()),
+            Err(SignalError::Gone) => {}
+            Err(e) => warning!("session_kill: could not terminate {}: {e:?}", describe()),
+        }
+    }
+}
