@@ -28,6 +28,11 @@ pub static IDLE_IN_TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new
 /// running or not (also on PostgreSQL releases without a built-in transaction_timeout).
 pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.max_connection_usage`: when client sessions exceed this share of
+/// `max_connections`, the worker ends the longest-idle unprotected sessions (idle in transaction
+/// first) until back at it. 0 turns the pressure reaper off.
+pub static MAX_CONNECTION_USAGE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+
 /// `session_kill.dry_run`: the worker logs what it would do and signals nothing.
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -60,6 +65,16 @@ pub fn register() {
             GucFlags::UNIT_MS,
         );
     }
+    GucRegistry::define_float_guc(
+        c"session_kill.max_connection_usage",
+        c"Share of max_connections above which the session_kill worker ends the longest-idle sessions (0 turns it off).",
+        c"Idle-in-transaction sessions go first, then idle ones, oldest first; running and protected sessions never.",
+        &MAX_CONNECTION_USAGE,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"session_kill.dry_run",
         c"The session_kill worker only logs what it would do.",

@@ -553,6 +553,32 @@ impl Limits {
     }
 }
 
+/// The pressure reaper's choice when `count` client sessions exceed `threshold`: the longest-idle
+/// unprotected sessions, idle in transaction first (they hold locks and snapshots), each group
+/// oldest first, as many as it takes to get back to the threshold. Running sessions are never
+/// chosen.
+pub fn pressure_victims<'a>(
+    sessions: &[&'a Session],
+    count: usize,
+    threshold: usize,
+    protections: &Protections,
+) -> Vec<&'a Session> {
+    let excess = count.saturating_sub(threshold);
+    let mut candidates: Vec<&'a Session> = sessions
+        .iter()
+        .copied()
+        .filter(|s| s.state.is_some_and(State::is_idle) && protections.protection(s).is_none())
+        .collect();
+    candidates.sort_by_key(|s| {
+        (
+            s.state != Some(State::IdleInTransaction) && s.state != Some(State::IdleInTransactionAborted),
+            s.state_change,
+        )
+    });
+    candidates.truncate(excess);
+    candidates
+}
+
 /// Is the query that was running when a cancel was sent still running?
 pub fn query_still_running(cancelled: &Session, fresh: Option<&Session>) -> bool {
     fresh.is_some_and(|f| {
@@ -785,5 +811,26 @@ mod tests {
         assert_eq!(limits.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 10 * SEC));
         assert_eq!(limits.next_scan(NOW, None), Some(NOW + 10 * SEC));
         assert_eq!(Limits::default().next_scan(NOW, None), None);
+    }
+
+    #[test]
+    fn pressure_takes_idle_in_transaction_first_then_the_longest_idle() {
+        let p = Protections::from_settings("", "pg_dump", false);
+        let sessions = [
+            client(1, State::Idle, 100),
+            client(2, State::IdleInTransaction, 5),
+            client(3, State::Active, 500),
+            client(4, State::Idle, 300),
+            client(5, State::IdleInTransactionAborted, 50),
+            Session { application: "pg_dump".into(), ..client(6, State::Idle, 900) },
+            Session { is_superuser: true, ..client(7, State::Idle, 800) },
+        ];
+        let refs: Vec<&Session> = sessions.iter().collect();
+        let pids = |n: usize, threshold: usize| -> Vec<i32> {
+            pressure_victims(&refs, n, threshold, &p).iter().map(|s| s.pid).collect()
+        };
+        assert_eq!(pids(7, 7), Vec::<i32>::new(), "at the threshold nothing happens");
+        assert_eq!(pids(7, 4), vec![5, 2, 4], "oldest idle-in-transaction first, then the longest idle");
+        assert_eq!(pids(7, 0), vec![5, 2, 4, 1], "never running, protected or superuser sessions");
     }
 }

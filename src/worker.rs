@@ -2,11 +2,13 @@
 //! `session_kill.idle_in_transaction_timeout` and `session_kill.transaction_timeout` on every
 //! client session. Instead of polling it sleeps on its latch until the earliest deadline (or
 //! until the shortest limit has passed, since nothing that becomes idle later can expire sooner).
+//! With `session_kill.max_connection_usage` set it also ends the longest-idle sessions when
+//! client sessions crowd `max_connections`; it needs no client slot to do so.
 
 use crate::backends;
 use crate::gucs;
 use crate::kill;
-use crate::policy::{BackendKind, Limits, Micros, Session};
+use crate::policy::{pressure_victims, BackendKind, Limits, Micros, Protections, Session, State};
 use crate::signal::{self, Signal, SignalError};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -58,6 +60,9 @@ fn until(at: Micros) -> Duration {
     Duration::from_millis(micros.div_ceil(1000))
 }
 
+/// While the pressure reaper is on, how often the worker counts sessions even if no deadline is due.
+const PRESSURE_CHECK: Micros = 100_000;
+
 #[derive(Default)]
 struct Worker {
     /// Backends already signalled (or reported, in dry run), by PID and start time.
@@ -65,12 +70,14 @@ struct Worker {
 }
 
 impl Worker {
-    /// Ends every session past a deadline and returns when to scan next.
+    /// Ends every session past a deadline, relieves connection pressure, and returns when to
+    /// scan next.
     fn scan(&mut self) -> Option<Micros> {
         let limits = gucs::limits();
+        let usage = gucs::MAX_CONNECTION_USAGE.get();
         let sessions = backends::sessions();
         self.handled.retain(|(pid, start)| sessions.get(pid).is_some_and(|s| s.backend_start == *start));
-        if limits == Limits::default() {
+        if limits == Limits::default() && usage <= 0.0 {
             return None;
         }
         let protections = kill::configured_protections(false);
@@ -84,43 +91,69 @@ impl Worker {
                 Some((deadline, _)) if deadline > now => {
                     earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
                 }
-                Some(_) => self.enforce(s, &limits),
+                Some(_) => self.enforce_limit(s, &limits),
                 None => {}
             }
         }
-        limits.next_scan(now, earliest)
+        let next = limits.next_scan(now, earliest);
+        if usage <= 0.0 {
+            return next;
+        }
+        let staying: Vec<&Session> = sessions
+            .values()
+            .filter(|s| s.kind == BackendKind::Client && !self.handled.contains(&(s.pid, s.backend_start)))
+            .collect();
+        self.relieve_pressure(&staying, usage, &protections);
+        Some(next.map_or(now + PRESSURE_CHECK, |n| n.min(now + PRESSURE_CHECK)))
     }
 
     /// Re-reads the session from its live entry and terminates it if it is the same backend and
     /// still past a deadline (a session that just ran a statement is not ended for idleness).
-    fn enforce(&mut self, chosen: &Session, limits: &Limits) {
+    fn enforce_limit(&mut self, chosen: &Session, limits: &Limits) {
         let now = backends::now();
         let Some(fresh) = backends::live_session(chosen.pid).filter(|f| f.same_backend(chosen)) else {
             return;
         };
-        let Some((deadline, kind)) = limits.deadline(&fresh).filter(|(d, _)| *d <= now) else {
-            return;
-        };
-        self.handled.insert((fresh.pid, fresh.backend_start));
-        let describe = || {
-            format!(
-                "pid {} (user {}, application \"{}\", state {}): {} exceeded by {:.1} ms",
-                fresh.pid,
-                fresh.role.as_deref().unwrap_or("?"),
-                fresh.application,
-                fresh.state.map_or("unknown", |s| s.label()),
-                kind.setting(),
-                (now - deadline) as f64 / 1000.0,
-            )
-        };
+        if let Some((deadline, kind)) = limits.deadline(&fresh).filter(|(d, _)| *d <= now) {
+            let why = format!("{} exceeded by {:.1} ms", kind.setting(), (now - deadline) as f64 / 1000.0);
+            self.terminate(&fresh, &why);
+        }
+    }
+
+    /// Above `usage` × max_connections client sessions, ends the longest-idle ones.
+    fn relieve_pressure(&mut self, clients: &[&Session], usage: f64, protections: &Protections) {
+        // SAFETY: MaxConnections is set at server start.
+        let max_connections = unsafe { pg_sys::MaxConnections } as usize;
+        let threshold = (usage * max_connections as f64).floor() as usize;
+        for victim in pressure_victims(clients, clients.len(), threshold, protections) {
+            let fresh = backends::live_session(victim.pid).filter(|f| f.same_backend(victim));
+            if let Some(fresh) = fresh.filter(|f| f.state.is_some_and(State::is_idle)) {
+                let why = format!(
+                    "connection pressure, {} client sessions above session_kill.max_connection_usage ({threshold} of max_connections {max_connections})",
+                    clients.len()
+                );
+                self.terminate(&fresh, &why);
+            }
+        }
+    }
+
+    fn terminate(&mut self, s: &Session, why: &str) {
+        self.handled.insert((s.pid, s.backend_start));
+        let who = format!(
+            "pid {} (user {}, application \"{}\", state {}): {why}",
+            s.pid,
+            s.role.as_deref().unwrap_or("?"),
+            s.application,
+            s.state.map_or("unknown", |st| st.label()),
+        );
         if gucs::DRY_RUN.get() {
-            log!("session_kill: dry run, would terminate {}", describe());
+            log!("session_kill: dry run, would terminate {who}");
             return;
         }
-        match signal::send(fresh.pid, Signal::Terminate) {
-            Ok(()) => log!("session_kill: terminated {}", describe()),
+        match signal::send(s.pid, Signal::Terminate) {
+            Ok(()) => log!("session_kill: terminated {who}"),
             Err(SignalError::Gone) => {}
-            Err(e) => warning!("session_kill: could not terminate {}: {e:?}", describe()),
+            Err(e) => warning!("session_kill: could not terminate {who}: {e:?}"),
         }
     }
 }

@@ -128,3 +128,55 @@ fn the_worker_is_recognisable_and_protected() {
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("background worker"));
     s.stop();
 }
+
+/// The field report: hundreds of sessions stuck after START TRANSACTION exhaust the slots and new
+/// logins fail with "remaining connection slots are reserved ...". With the pressure reaper on,
+/// the worker (which needs no client slot) ends the oldest stuck sessions and logins work again.
+#[test]
+fn pressure_reaper_frees_slots_when_every_connection_is_taken() {
+    let s = Server::start(&["max_connections = 303", "superuser_reserved_connections = 3"]);
+    let stuck: Vec<Session> = (0..300)
+        .map(|_| {
+            let mut c = s.connect("postgres", APP);
+            c.batch_execute("START TRANSACTION; SELECT 1").unwrap();
+            let pid = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+            Session { client: c, pid }
+        })
+        .collect();
+    let refused = s.config("postgres", APP).connect(postgres::NoTls).err().expect("every slot is taken");
+    assert_eq!(refused.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{refused}");
+
+    let mut admin = s.admin();
+    admin.batch_execute("ALTER SYSTEM SET session_kill.max_connection_usage = 0.9").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    drop(admin);
+    let mut fresh = None;
+    wait_for(Duration::from_secs(30), || {
+        fresh = s.config("postgres", APP).connect(postgres::NoTls).ok();
+        fresh.is_some()
+    });
+
+    // Logins work again as soon as the first victim is gone; the reaper goes on to the threshold.
+    let client_pids = || -> Vec<i32> {
+        s.admin()
+            .query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    wait_for(Duration::from_secs(30), || client_pids().len() <= 272);
+    let alive = client_pids();
+    let ended = stuck.iter().take_while(|st| !alive.contains(&st.pid)).count();
+    assert!(ended >= 28, "at least 300 - floor(0.9 * 303) = 28 sessions were ended: {ended}");
+    assert!(
+        stuck[ended..].iter().all(|st| alive.contains(&st.pid)),
+        "only the oldest stuck sessions were ended, in order"
+    );
+    assert!(logged(
+        &s,
+        "client sessions above session_kill.max_connection_usage (272 of max_connections 303)"
+    ));
+    drop(stuck);
+    s.stop();
+}
