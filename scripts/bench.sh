@@ -11,9 +11,9 @@ chown postgres: /var/tmp/session_kill
 cargo build --release --manifest-path pg_test/Cargo.toml --bins
 
 {
-  echo "## kill_sessions and drain_database ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
+  echo "## kill_sessions, drain_database and the worker ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
   echo
-  echo "Command: \`scripts/bench.sh ${majors[*]}\` (pg_test/src/bin/bench_kill.rs and bench_drain.rs; release build of the extension)."
+  echo "Command: \`scripts/bench.sh ${majors[*]}\` (pg_test/src/bin/bench_kill.rs, bench_drain.rs and bench_worker.rs; release build of the extension)."
   echo
   echo "session_kill's calls return only when every signalled backend has left the process array (its connection"
   echo "slot is free), a stricter end than the recipes' \"pg_stat_activity shows none\", which a backend reaches"
@@ -23,7 +23,7 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bins
 for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
   cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$v" >/dev/null
-  for bench in bench_kill bench_drain; do
+  for bench in bench_kill bench_drain bench_worker; do
     SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) "pg_test/target/release/$bench" | tee -a "$out.new"
   done
   echo >>"$out.new"
