@@ -11,6 +11,7 @@ use crate::kill;
 use crate::policy::{pressure_victims, BackendKind, Limits, Micros, Protections, Session, State};
 use crate::signal::{self, Signal, SignalError};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
@@ -40,17 +41,50 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::pgstat_report_appname(c"session_kill worker".as_ptr()) };
     log!("session_kill worker started");
     let mut worker = Worker::default();
+    let mut backoff = FIRST_BACKOFF;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: what every worker does on SIGHUP, outside a transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let next = BackgroundWorker::transaction(AssertUnwindSafe(|| worker.scan()));
+        let next = match scan_or_error(&mut worker) {
+            Ok(next) => {
+                backoff = FIRST_BACKOFF;
+                next
+            }
+            Err(message) => {
+                warning!("session_kill worker: scan failed, retrying in {} s: {message}", backoff.as_secs());
+                let retry = backends::now() + backoff.as_micros() as Micros;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                Some(retry)
+            }
+        };
         if !BackgroundWorker::wait_latch(next.map(until)) {
             break;
         }
     }
     log!("session_kill worker stopped");
+}
+
+/// Retry delays after a failed scan: doubled each time, reset by a good scan.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// One scan in its own transaction; an ERROR inside it is caught, its transaction aborted, and
+/// reported, so a fault is retried with backoff instead of restarting the worker.
+fn scan_or_error(worker: &mut Worker) -> Result<Option<Micros>, String> {
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        Ok(BackgroundWorker::transaction(AssertUnwindSafe(|| worker.scan())))
+    }))
+    .catch_others(|caught| {
+        // SAFETY: the failed scan left its transaction open; abort it before going on.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(match caught {
+            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
+            CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+        })
+    })
+    .execute()
 }
 
 /// From now until `at`, rounded up to whole milliseconds (the latch's resolution) so the worker
