@@ -11,7 +11,7 @@ source scripts/common.sh
 use_majors "$@"
 work=/var/tmp/session_kill
 mkdir -p "$work"
-rm -rf "$work"/cluster-*  # clusters of earlier runs; each test binary stops its own at exit
+rm -rf "$work"/cluster-* "$work"/standby-*  # clusters of earlier runs; each test stops its own
 chown postgres: "$work"
 chmod 755 "$work"
 summary=()

@@ -381,6 +381,36 @@ pub fn assert_alive(s: &mut Session) {
 }
 
 impl Server {
+    /// A streaming hot standby of this server, made with `pg_basebackup -R`, on its own port.
+    pub fn start_standby(&self, extra_conf: &[&str]) -> Server {
+        let port = free_port();
+        let datadir = self.datadir.with_file_name(format!("standby-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&datadir);
+        run_checked(as_postgres(&self.bindir.join("pg_basebackup")).args([
+            "-h",
+            path_str(&self.datadir),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            path_str(&datadir),
+            "-R",
+            "-X",
+            "stream",
+        ]));
+        let mut conf =
+            vec![format!("port = {port}"), format!("unix_socket_directories = '{}'", datadir.display())];
+        conf.extend(extra_conf.iter().map(|s| s.to_string()));
+        let auto_conf = datadir.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto_conf).unwrap();
+        text.push_str(&(conf.join("\n") + "\n"));
+        std::fs::write(&auto_conf, text).unwrap();
+        let standby = Server { bindir: self.bindir.clone(), datadir, port };
+        standby.pg_ctl(&["-w", "-t", "60", "-l", path_str(&standby.log_path()), "start"]);
+        standby
+    }
+
     pub fn restart(&self) {
         self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "-l", path_str(&self.log_path()), "restart"]);
     }

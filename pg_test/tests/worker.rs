@@ -180,3 +180,68 @@ fn pressure_reaper_frees_slots_when_every_connection_is_taken() {
     drop(stuck);
     s.stop();
 }
+
+#[test]
+fn a_busy_session_is_never_ended_for_idleness() {
+    let s = Server::start(&["session_kill.idle_timeout = '1s'"]);
+    let mut busy = Session::idle(s.connect("postgres", APP));
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(busy.probe(), ClientView::Alive, "each statement starts its idle time over");
+    }
+    s.stop();
+}
+
+#[test]
+fn the_worker_survives_a_burst_of_reloads_and_keeps_enforcing() {
+    let s = Server::start(&[]);
+    let mut admin = s.admin();
+    let worker_pid = || -> i32 {
+        s.admin()
+            .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
+            .unwrap()
+            .get(0)
+    };
+    wait_for(Duration::from_secs(20), || {
+        s.admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    let before = worker_pid();
+    for i in 0..50 {
+        let limit = if i % 2 == 0 { "'1h'" } else { "0" };
+        admin.batch_execute(&format!("ALTER SYSTEM SET session_kill.idle_timeout = {limit}")).unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    admin.batch_execute("ALTER SYSTEM SET session_kill.idle_timeout = '300ms'").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let mut idle = Session::idle(s.connect("postgres", APP));
+    wait_until_gone(&s, idle.pid);
+    assert_ended_by_admin_on(&s, idle.pid, idle.probe());
+    assert_eq!(worker_pid(), before, "the same worker process throughout");
+    s.stop();
+}
+
+#[test]
+fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
+    let primary = Server::start(&[]);
+    let standby = primary.start_standby(&["session_kill.idle_timeout = '1s'"]);
+    let mut idle = Session::idle(standby.connect("postgres", APP));
+    let in_recovery: bool = idle.client.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    assert!(in_recovery, "a real hot standby");
+
+    wait_until_gone(&standby, idle.pid);
+
+    assert_ended_by_admin_on(&standby, idle.pid, idle.probe());
+    assert!(
+        logged(&standby, &format!("session_kill: terminated pid {} (user app", idle.pid)),
+        "the action is in the standby's server log"
+    );
+    standby.stop();
+    primary.stop();
+}
