@@ -2,39 +2,32 @@
 //! plus `drain_database()`, `undrain_database()` and `drains()`.
 
 use crate::backends;
+use crate::counters::Source;
 use crate::errors::{null_argument, raise};
-use crate::gate::{DbName, Gate, GateError, GateTable, Verdict};
+use crate::gate::{DbName, Gate, GateError, Verdict};
 use crate::kill::{self, KillRequest, Target};
 use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
+use crate::shmem::{require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys::libpq::be::Port;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLogLevel, PgLwLock, PgSqlErrorCode};
+use pgrx::{PgLogLevel, PgSqlErrorCode};
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-// SAFETY: GateTable is plain Copy data with no pointers.
-unsafe impl PGRXSharedMemory for GateTable {}
-
-// SAFETY: the name is unique to this extension.
-static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
-static PRELOADED: AtomicBool = AtomicBool::new(false);
 static mut PREVIOUS_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type = None;
 
-/// From `_PG_init` when loaded by `shared_preload_libraries`: shared memory and the hook.
-pub fn init_preloaded() {
-    pg_shmem_init!(GATES = GateTable::default());
+/// From `_PG_init` when loaded by `shared_preload_libraries`, after shared memory: the hook.
+pub fn install_hook() {
     // SAFETY: _PG_init runs once in the postmaster before any backend; we chain the previous hook.
     unsafe {
         PREVIOUS_AUTH_HOOK = pg_sys::libpq::ClientAuthentication_hook;
         pg_sys::libpq::ClientAuthentication_hook = Some(check_gate);
     }
-    PRELOADED.store(true, Ordering::Relaxed);
 }
 
 /// Runs after PostgreSQL authenticated a login: refuses it if its database is being drained,
@@ -232,6 +225,7 @@ impl Drain {
             name: DbName::new(db),
             timeout: kill::duration(timeout),
             request: KillRequest {
+                source: Source::DrainDatabase,
                 mode: Mode::CancelThenTerminate,
                 filter: Filter {
                     database: DatabaseScope::One(oid),
@@ -411,16 +405,6 @@ fn humantime(d: Duration) -> String {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
-    }
-}
-
-fn require_preloaded() {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "session_kill must be loaded via shared_preload_libraries",
-            "Add session_kill to shared_preload_libraries in postgresql.conf and restart the server.",
-        );
     }
 }
 

@@ -2,12 +2,14 @@
 //! snapshot, the policy and the signal modules.
 
 use crate::backends::{self, Backend};
+use crate::counters::Source;
 use crate::errors::{null_argument, or_raise, raise};
 use crate::gucs;
 use crate::policy::{
     query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
     Protections, Recheck, Session, State,
 };
+use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
 use crate::sqltypes::{self, Name};
 use pgrx::datum::{Inet, Interval, TimestampWithTimeZone};
@@ -124,6 +126,7 @@ fn kill_sessions(
     };
     let mode = Mode::parse(&mode.unwrap_or_else(|| null_argument("mode", MODES_HINT)));
     let request = KillRequest {
+        source: Source::KillSessions,
         mode: or_raise(mode),
         filter: Filter {
             database,
@@ -156,6 +159,7 @@ fn kill_sessions(
 }
 
 pub(crate) struct KillRequest {
+    pub(crate) source: Source,
     pub(crate) mode: Mode,
     pub(crate) filter: Filter,
     pub(crate) grace: Micros,
@@ -207,7 +211,16 @@ impl KillRequest {
     }
 
     /// Signals every undecided target as the mode says and waits as configured.
-    pub(crate) fn act(&self, mut targets: Vec<Target>) -> Vec<Target> {
+    pub(crate) fn act(&self, targets: Vec<Target>) -> Vec<Target> {
+        let targets = self.signal_and_wait(targets);
+        for t in &targets {
+            let outcome = t.outcome.map_or_else(String::new, |o| o.to_string());
+            shmem::count(self.source, self.mode.label(), &outcome);
+        }
+        targets
+    }
+
+    fn signal_and_wait(&self, mut targets: Vec<Target>) -> Vec<Target> {
         if self.mode == Mode::DryRun {
             return targets;
         }

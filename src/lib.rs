@@ -1,19 +1,22 @@
 //! session_kill: list, cancel, terminate and drain client sessions from inside the server.
 //!
-//! `_PG_init` registers the settings and, when preloaded, the drain gate's shared memory and
-//! authentication hook and the background worker.
+//! `_PG_init` registers the settings and, when preloaded, shared memory (drain gates, counters),
+//! the authentication hook and the background worker.
 
 use pgrx::prelude::*;
 
 mod backends;
+mod counters;
 mod drain;
 mod errors;
 mod gate;
 mod gucs;
 mod kill;
 mod policy;
+mod shmem;
 mod signal;
 mod sqltypes;
+mod stats;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -23,7 +26,8 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::register();
     // SAFETY: reading a flag PostgreSQL sets while loading shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        drain::init_preloaded();
+        shmem::init();
+        drain::install_hook();
         worker::register();
     }
     // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.

@@ -6,9 +6,11 @@
 //! client sessions crowd `max_connections`; it needs no client slot to do so.
 
 use crate::backends;
+use crate::counters::Source;
 use crate::gucs;
 use crate::kill;
-use crate::policy::{pressure_victims, BackendKind, Limits, Micros, Protections, Session, State};
+use crate::policy::{pressure_victims, BackendKind, Limits, Micros, Outcome, Protections, Session, State};
+use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
@@ -59,6 +61,8 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
                 Some(retry)
             }
         };
+        // SAFETY: MyProcPid is set for the life of the process.
+        shmem::worker_scanned(unsafe { pg_sys::MyProcPid }, backends::now(), next);
         if !BackgroundWorker::wait_latch(next.map(until)) {
             break;
         }
@@ -150,7 +154,7 @@ impl Worker {
         };
         if let Some((deadline, kind)) = limits.deadline(&fresh).filter(|(d, _)| *d <= now) {
             let why = format!("{} exceeded by {:.1} ms", kind.setting(), (now - deadline) as f64 / 1000.0);
-            self.terminate(&fresh, &why);
+            self.terminate(&fresh, kind.setting(), &why);
         }
     }
 
@@ -166,12 +170,13 @@ impl Worker {
                     "connection pressure, {} client sessions above session_kill.max_connection_usage ({threshold} of max_connections {max_connections})",
                     clients.len()
                 );
-                self.terminate(&fresh, &why);
+                self.terminate(&fresh, "session_kill.max_connection_usage", &why);
             }
         }
     }
 
-    fn terminate(&mut self, s: &Session, why: &str) {
+    /// Terminates `s` (or, in dry run, says it would), logs why and counts it under `reason`.
+    fn terminate(&mut self, s: &Session, reason: &str, why: &str) {
         self.handled.insert((s.pid, s.backend_start));
         let who = format!(
             "pid {} (user {}, application \"{}\", state {}): {why}",
@@ -180,14 +185,22 @@ impl Worker {
             s.application,
             s.state.map_or("unknown", |st| st.label()),
         );
-        if gucs::DRY_RUN.get() {
+        let outcome = if gucs::DRY_RUN.get() {
             log!("session_kill: dry run, would terminate {who}");
-            return;
-        }
-        match signal::send(s.pid, Signal::Terminate) {
-            Ok(()) => log!("session_kill: terminated {who}"),
-            Err(SignalError::Gone) => {}
-            Err(e) => warning!("session_kill: could not terminate {who}: {e:?}"),
-        }
+            Outcome::DryRun
+        } else {
+            match signal::send(s.pid, Signal::Terminate) {
+                Ok(()) => {
+                    log!("session_kill: terminated {who}");
+                    Outcome::Terminated
+                }
+                Err(SignalError::Gone) => Outcome::AlreadyGone,
+                Err(e) => {
+                    warning!("session_kill: could not terminate {who}: {e:?}");
+                    Outcome::SignalFailed
+                }
+            }
+        };
+        shmem::count(Source::Worker, reason, &outcome.to_string());
     }
 }

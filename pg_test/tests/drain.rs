@@ -16,6 +16,18 @@ fn drain(s: &Server, args: &str) -> Result<(i32, i32, i32, i32, i64), postgres::
     Ok((row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
 }
 
+/// Sessions ended by drains so far, from the shared-memory counters.
+fn drain_counts(s: &Server) -> i64 {
+    s.admin()
+        .query_one(
+            "SELECT coalesce(sum(sessions), 0)::bigint FROM session_kill.stats
+             WHERE source = 'drain_database' AND outcome = 'terminated'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
 fn gate_since(s: &Server, db: &str) -> SystemTime {
     let row = s
         .admin()
@@ -44,6 +56,7 @@ fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all
     let pool = Reconnector::start(s.config(&db, APP));
     std::thread::sleep(Duration::from_millis(300));
 
+    let drained_before = drain_counts(s);
     let (at_start, cancelled, terminated, remaining, _) = drain(s, "'t_shop', grace => '1s'").unwrap();
     let since = gate_since(s, &db);
     std::thread::sleep(Duration::from_millis(500));
@@ -54,6 +67,7 @@ fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all
     assert_eq!(cancelled, 10, "each running query was cancelled first");
     assert!(terminated >= at_start - 1, "everything else was terminated: {terminated}");
     assert_eq!(remaining, 0);
+    assert!(drain_counts(s) - drained_before >= 65, "drain actions are counted in session_kill.stats");
     let after: Vec<&Attempt> = attempts.iter().filter(|a| a.started > since).collect();
     assert!(after.len() >= 10, "the client kept trying: {} attempts after the gate closed", after.len());
     for a in &after {
@@ -255,6 +269,8 @@ fn without_preloading_the_drain_functions_say_how_to_fix_it() {
         "SELECT * FROM session_kill.drain_database('template1')",
         "SELECT session_kill.undrain_database('template1')",
         "SELECT * FROM session_kill.drains()",
+        "SELECT * FROM session_kill.stats",
+        "SELECT * FROM session_kill.worker",
     ] {
         let err = s.admin().query(sql, &[]).unwrap_err();
         let db_err = err.as_db_error().unwrap();

@@ -17,6 +17,18 @@ fn terminate_ends_every_client_session_of_the_database_and_only_those() {
     let mut elsewhere = Session::idle(s.connect(&other_db, APP));
     let active = ActiveSession::start(s, s.connect(&db, APP), 60);
 
+    let counted = |outcome: &str| -> i64 {
+        s.admin()
+            .query_one(
+                "SELECT coalesce(sum(sessions), 0)::bigint FROM session_kill.stats
+                 WHERE source = 'kill_sessions' AND reason = 'terminate' AND outcome = $1",
+                &[&outcome],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let (terminated_before, skipped_before) = (counted("terminated"), counted("skipped: superuser"));
+
     let rows = kill(s, "'t_terminate'");
 
     for pid in [idle.pid, in_tx.pid, other_role.pid, active.pid] {
@@ -34,6 +46,8 @@ fn terminate_ends_every_client_session_of_the_database_and_only_those() {
     assert_ended_by_admin(active_pid, ClientView::Ended(query.unwrap_err()));
     assert_alive(&mut superuser);
     assert_alive(&mut elsewhere);
+    assert!(counted("terminated") - terminated_before >= 4, "counted in session_kill.stats");
+    assert!(counted("skipped: superuser") - skipped_before >= 1);
 }
 
 #[test]

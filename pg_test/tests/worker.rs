@@ -45,6 +45,27 @@ fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
     assert_eq!(superuser.probe(), ClientView::Alive, "superusers are protected");
     assert_eq!(backup.probe(), ClientView::Alive, "backup tools are protected");
     assert_eq!(in_tx.probe(), ClientView::Alive, "idle_timeout does not cover transactions");
+
+    let mut admin = s.admin();
+    let counted: i64 = admin
+        .query_one(
+            "SELECT sessions FROM session_kill.stats
+             WHERE source = 'worker' AND reason = 'session_kill.idle_timeout' AND outcome = 'terminated'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 2, "both ended sessions are counted");
+    let scheduled: bool = admin
+        .query_one(
+            "SELECT pid = (SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker')
+                    AND last_scan <= now() AND next_scan IS NOT NULL AND scans > 0
+             FROM session_kill.worker",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(scheduled, "session_kill.worker shows the worker's schedule");
     s.stop();
 }
 
@@ -83,6 +104,15 @@ fn dry_run_only_logs() {
     wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would terminate pid {} ", idle.pid)));
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(idle.probe(), ClientView::Alive);
+    let counted: i64 = s
+        .admin()
+        .query_one(
+            "SELECT sessions FROM session_kill.stats WHERE source = 'worker' AND outcome = 'dry run'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 1, "reported once, not at every scan");
     s.stop();
 }
 

@@ -1,0 +1,52 @@
+//! `session_kill.stats` and `session_kill.worker`: the shared-memory counters as views.
+
+use crate::kill;
+use crate::shmem;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+/// Sessions acted on since the server started, by path, reason and outcome.
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)]
+fn action_counts() -> TableIterator<
+    'static,
+    (name!(source, String), name!(reason, String), name!(outcome, String), name!(sessions, i64)),
+> {
+    shmem::require_preloaded();
+    let (rows, _) = shmem::counts();
+    TableIterator::new(rows.into_iter().map(|r| (r.source.to_owned(), r.reason, r.outcome, r.count as i64)))
+}
+
+/// The background worker's schedule: its PID, its last scan and when it plans the next one
+/// (NULL when every limit is off and it sleeps until the settings change).
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(last_scan, Option<TimestampWithTimeZone>),
+        name!(next_scan, Option<TimestampWithTimeZone>),
+        name!(scans, i64),
+    ),
+> {
+    shmem::require_preloaded();
+    let (_, w) = shmem::counts();
+    TableIterator::once((
+        (w.pid != 0).then_some(w.pid),
+        kill::timestamp(w.last_scan),
+        kill::timestamp(w.next_scan),
+        w.scans as i64,
+    ))
+}
+
+extension_sql!(
+    r#"
+CREATE VIEW session_kill.stats AS SELECT * FROM session_kill.action_counts();
+COMMENT ON VIEW session_kill.stats IS 'Sessions acted on since the server started, by path, reason and outcome';
+CREATE VIEW session_kill.worker AS SELECT * FROM session_kill.worker_status();
+COMMENT ON VIEW session_kill.worker IS 'The session_kill background worker: last scan and next planned scan';
+"#,
+    name = "stats_views",
+    requires = [action_counts, worker_status]
+);
