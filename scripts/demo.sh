@@ -63,6 +63,7 @@ echo; echo "\$ psql -d shop -U shop_app"
 "$bindir/psql" -X -d shop -U shop_app -c "SELECT 1" 2>&1 || true
 show "SELECT * FROM session_kill.drains();"
 show "SELECT session_kill.undrain_database('shop');"
+show "SELECT * FROM session_kill.stats;"
 
 cat <<MSG
 

@@ -70,7 +70,7 @@ fn pgbench_clients_are_ended_by_application_name() {
     let db = s.fresh_db("t_pgbench");
     let workload = std::env::temp_dir().join(format!("session_kill_sleep_{}.sql", std::process::id()));
     std::fs::write(&workload, "SELECT pg_sleep(0.02);\n").unwrap();
-    let mut pgbench = s
+    let pgbench = s
         .client_program("pgbench")
         .args(["-n", "-U", APP, "-c", "8", "-T", "120", "-f"])
         .arg(&workload)

@@ -17,6 +17,20 @@ fn wait_until_gone(s: &Server, pid: i32) {
     wait_for(Duration::from_secs(20), || !alive(s, pid));
 }
 
+/// Waits until the worker has started.
+fn wait_for_worker(s: &Server) {
+    wait_for(Duration::from_secs(20), || {
+        s.admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+}
+
 fn logged(s: &Server, text: &str) -> bool {
     s.server_log().contains(text)
 }
@@ -137,16 +151,7 @@ fn limits_are_reloaded_and_clients_cannot_change_them() {
 fn the_worker_is_recognisable_and_protected() {
     let s = Server::start(&[]);
     let mut admin = s.admin();
-    wait_for(Duration::from_secs(20), || {
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    wait_for_worker(&s);
     let row = admin
         .query_one(
             "SELECT a.application_name, s.protected FROM pg_stat_activity a
@@ -232,16 +237,7 @@ fn the_worker_survives_a_burst_of_reloads_and_keeps_enforcing() {
             .unwrap()
             .get(0)
     };
-    wait_for(Duration::from_secs(20), || {
-        s.admin()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    wait_for_worker(&s);
     let before = worker_pid();
     for i in 0..50 {
         let limit = if i % 2 == 0 { "'1h'" } else { "0" };
