@@ -7,7 +7,7 @@ use crate::errors::{null_argument, raise};
 use crate::gate::{DbName, Gate, GateError, Verdict};
 use crate::kill::{self, KillRequest, Target};
 use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
-use crate::shmem::{require_preloaded, GATES};
+use crate::shmem::{self, require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -286,6 +286,8 @@ impl Drain {
             // postmaster ends starting backends at shutdown; no need to wait until it is visible.
             for pid in starting.iter().filter(|pid| signalled_starting.insert(**pid)) {
                 if signal::send(*pid, Signal::Terminate).is_ok() {
+                    log!("session_kill: sent terminate to pid {pid} (a login to database {} still starting up)", self.db);
+                    shmem::count(Source::DrainDatabase, "terminate", "terminated while starting");
                     totals.1 += 1;
                 }
             }
