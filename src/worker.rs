@@ -68,6 +68,10 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
         }
     }
     log!("session_kill worker stopped");
+    // Exit code 1, not 0: a worker that exits with 0 is unregistered for good, and a terminated
+    // worker must come back (after the restart time) unless the server is shutting down.
+    // SAFETY: proc_exit runs the exit callbacks and never returns.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Retry delays after a failed scan: doubled each time, reset by a good scan.

@@ -271,3 +271,33 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
     standby.stop();
     primary.stop();
 }
+
+#[test]
+fn sigterm_stops_the_worker_and_the_postmaster_restarts_it() {
+    let s = Server::start(&["session_kill.idle_timeout = '1h'"]);
+    wait_for_worker(&s);
+    let worker: i32 = s
+        .admin()
+        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
+        .unwrap()
+        .get(0);
+    let signalled: bool = s.admin().query_one("SELECT pg_terminate_backend($1)", &[&worker]).unwrap().get(0);
+    assert!(signalled);
+    wait_until_gone(&s, worker);
+    let stopped = s
+        .server_log()
+        .lines()
+        .any(|l| l.contains(&format!("[{worker}]")) && l.contains("LOG:  session_kill worker stopped"));
+    assert!(stopped, "it left its loop cleanly");
+    wait_for(Duration::from_secs(30), || {
+        s.admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'session_kill worker' AND pid <> $1",
+                &[&worker],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    s.stop();
+}
