@@ -13,6 +13,8 @@ bash scripts/install-deps.sh
 bindir=$("$PG15_CONFIG" --bindir)
 datadir=/var/tmp/session_kill/demo
 port=54321
+# A running server must not see its loaded library replaced underneath it.
+cluster_stop "$bindir" "$datadir"
 echo "==> building and installing session_kill into PostgreSQL 15"
 cargo pgrx install --release --pg-config "$PG15_CONFIG" --no-default-features --features pg15 >/dev/null
 echo "==> starting PostgreSQL 15 in $datadir (port $port)"
