@@ -346,13 +346,8 @@ impl Drain {
 
     /// Client sessions of the database that still exist.
     fn sessions_left(&self) -> Vec<Session> {
-        let DatabaseScope::One(oid) = self.request.filter.database else {
-            unreachable!("a drain names one database")
-        };
-        backends::sessions()
-            .into_values()
-            .filter(|s| s.kind == crate::policy::BackendKind::Client && s.database_oid == oid)
-            .collect()
+        let now = backends::now();
+        backends::sessions().into_values().filter(|s| self.request.filter.matches(s, now)).collect()
     }
 
     /// A login admitted before the gate closed that is alive but not yet a visible session.
@@ -368,13 +363,7 @@ impl Drain {
             .iter()
             .map(|s| {
                 let why = protections.protection(s).map_or("did not exit", |p| p.label());
-                format!(
-                    "pid {} (user {}, application \"{}\", state {}): {why}",
-                    s.pid,
-                    s.role.as_deref().unwrap_or("?"),
-                    s.application,
-                    s.state.map_or("unknown", |st| st.label())
-                )
+                format!("{}: {why}", s.describe())
             })
             .collect();
         if starting > 0 {

@@ -283,6 +283,17 @@ impl Session {
         (self.xact_start != 0).then(|| (now - self.xact_start).max(0))
     }
 
+    /// `pid 42 (user app, application "psql", state idle)`, for log lines and error details.
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} (user {}, application \"{}\", state {})",
+            self.pid,
+            self.role.as_deref().unwrap_or("?"),
+            self.application,
+            self.state.map_or("unknown", State::label)
+        )
+    }
+
     /// The same backend process: PIDs are reused, a PID plus its start time is not.
     pub fn same_backend(&self, other: &Session) -> bool {
         self.pid == other.pid && self.backend_start == other.backend_start
@@ -767,6 +778,16 @@ mod tests {
         let active = client(1, State::Active, 20);
         assert_eq!(active.idle_for(NOW), None);
         assert_eq!(active.xact_age(NOW), None);
+    }
+
+    #[test]
+    fn sessions_describe_themselves_for_logs() {
+        assert_eq!(
+            client(42, State::Idle, 1).describe(),
+            "pid 42 (user app, application \"psql\", state idle)"
+        );
+        let unknown = Session { role: None, state: None, ..client(7, State::Idle, 1) };
+        assert_eq!(unknown.describe(), "pid 7 (user ?, application \"psql\", state unknown)");
     }
 
     #[test]

@@ -182,13 +182,7 @@ impl Worker {
     /// Terminates `s` (or, in dry run, says it would), logs why and counts it under `reason`.
     fn terminate(&mut self, s: &Session, reason: &str, why: &str) {
         self.handled.insert((s.pid, s.backend_start));
-        let who = format!(
-            "pid {} (user {}, application \"{}\", state {}): {why}",
-            s.pid,
-            s.role.as_deref().unwrap_or("?"),
-            s.application,
-            s.state.map_or("unknown", |st| st.label()),
-        );
+        let who = format!("{}: {why}", s.describe());
         let outcome = if gucs::DRY_RUN.get() {
             log!("session_kill: dry run, would terminate {who}");
             Outcome::DryRun
