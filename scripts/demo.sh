@@ -65,7 +65,13 @@ echo; echo "\$ psql -d shop -U shop_app"
 "$bindir/psql" -X -d shop -U shop_app -c "SELECT 1" 2>&1 || true
 show "SELECT * FROM session_kill.drains();"
 show "SELECT session_kill.undrain_database('shop');"
+hold shop_app web "SELECT 1;"
+sleep 1
+show "INSERT INTO session_kill.rules (role, state, timeout, comment) VALUES ('shop_app', 'idle', '2s', 'demo: pool connections') RETURNING id, role, state, timeout;"
+sleep 2.5
+show "SELECT acted_at, source, rule, actor, pid, database, role, state, action, outcome FROM session_kill.log ORDER BY id;"
 show "SELECT * FROM session_kill.stats;"
+show "SELECT pid, next_scan, rules, rules_status, audit_queued FROM session_kill.worker;"
 
 cat <<MSG
 

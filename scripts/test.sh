@@ -43,14 +43,14 @@ for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
   features=(--no-default-features --features "pg$v")
   run_tier "PG$v tier 1: pure unit tests (cargo test)" \
-    cargo test --lib "${features[@]}" -- policy:: gate:: counters::
+    cargo test --lib "${features[@]}" -- policy:: gate:: counters:: rules:: audit:: fixed::
   export CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=$work/pgrx-test-data-pg$v
   run_tier "PG$v tier 2: in-backend tests (cargo pgrx test)" \
     cargo pgrx test "pg$v" pg_tests::
   cargo pgrx install --pg-config "$pg_config" "${features[@]}" >/dev/null
   SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$work \
     run_tier "PG$v tier 3: integration tests (pg_test/)" \
-    cargo test --manifest-path pg_test/Cargo.toml
+    cargo test --no-fail-fast --manifest-path pg_test/Cargo.toml
 done
 
 echo

@@ -38,14 +38,21 @@ pub fn sessions() -> HashMap<i32, Session> {
 /// The backend with this PID right now, read from its own live entry in shared memory (not the
 /// cached snapshot): what a re-check just before signalling needs, at O(1) per session.
 pub fn live_session(pid: i32) -> Option<Session> {
-    let entry = live_entry(pid)?;
+    let entry = live_entry(pid, false)?;
     (entry.st_procpid == pid).then(|| session_of(&entry, &mut RoleCache::default()))
+}
+
+/// Like `live_session`, with the database name and the query: what an audit entry records.
+pub fn live_backend(pid: i32) -> Option<Backend> {
+    let entry = live_entry(pid, true)?;
+    (entry.st_procpid == pid).then(|| describe(&entry, &mut RoleCache::default()))
 }
 
 /// Copies one backend's shared status entry with the server's read protocol: retry until the
 /// entry's change counter is even and unchanged around the copy. Strings are copied inside the
-/// protocol too; the returned entry's string pointers point at those copies (palloc'd).
-fn live_entry(pid: i32) -> Option<pg_sys::PgBackendStatus> {
+/// protocol too (the query only `with_query`); the returned entry's string pointers point at
+/// those copies (palloc'd).
+fn live_entry(pid: i32, with_query: bool) -> Option<pg_sys::PgBackendStatus> {
     // SAFETY: the status array is one contiguous PgBackendStatus[] in shared memory indexed by
     // proc number (PG 17+) or backend id - 1 (PG 15/16), and MyBEEntry is our own element of it,
     // so `MyBEEntry - my_index + index` is the target's element. The target may exit meanwhile:
@@ -67,6 +74,11 @@ fn live_entry(pid: i32) -> Option<pg_sys::PgBackendStatus> {
             fence(Ordering::Acquire);
             let mut entry = std::ptr::read_volatile(shared);
             entry.st_appname = palloc_copy(entry.st_appname, pg_sys::NAMEDATALEN as usize);
+            entry.st_activity_raw = if with_query {
+                palloc_copy(entry.st_activity_raw, pg_sys::pgstat_track_activity_query_size as usize)
+            } else {
+                std::ptr::null_mut()
+            };
             fence(Ordering::Acquire);
             let after = std::ptr::read_volatile(&(*shared).st_changecount);
             if before == after && before % 2 == 0 {
@@ -194,14 +206,7 @@ fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
 
 fn describe(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Backend {
     let session = session_of(e, roles);
-    // SAFETY: catalog lookups in a transaction; NULL results are handled.
-    let datname = unsafe {
-        if e.st_databaseid == pg_sys::InvalidOid {
-            None
-        } else {
-            c_string(pg_sys::get_database_name(e.st_databaseid))
-        }
-    };
+    let datname = (e.st_databaseid != pg_sys::InvalidOid).then(|| database_name(e.st_databaseid)).flatten();
     Backend {
         datname,
         backend_type: backend_type_name(e),
@@ -209,6 +214,12 @@ fn describe(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Backend {
         visible: roles.get(e.st_userid).may_see,
         session,
     }
+}
+
+/// The name of a database; `None` if it no longer exists. Needs a transaction.
+pub fn database_name(oid: pg_sys::Oid) -> Option<String> {
+    // SAFETY: a lookup in the shared catalog pg_database; NULL when missing.
+    c_string(unsafe { pg_sys::get_database_name(oid) })
 }
 
 fn kind_of(t: pg_sys::BackendType::Type) -> BackendKind {
@@ -282,7 +293,7 @@ fn client_address(addr: &pg_sys::SockAddr) -> Option<IpAddr> {
     }
 }
 
-fn c_string(p: *const std::ffi::c_char) -> Option<String> {
+pub(crate) fn c_string(p: *const std::ffi::c_char) -> Option<String> {
     // SAFETY: callers pass NULL or a NUL-terminated string that outlives this call.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }

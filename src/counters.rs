@@ -26,26 +26,7 @@ impl Source {
     }
 }
 
-/// A short text in shared memory (truncated at a character boundary).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Text([u8; TEXT_LEN]);
-
-impl Text {
-    fn new(s: &str) -> Text {
-        let mut end = s.len().min(TEXT_LEN);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut bytes = [0u8; TEXT_LEN];
-        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Text(bytes)
-    }
-
-    fn as_str(&self) -> &str {
-        let len = self.0.iter().position(|b| *b == 0).unwrap_or(TEXT_LEN);
-        std::str::from_utf8(&self.0[..len]).unwrap_or("")
-    }
-}
+type Text = crate::fixed::FixedText<TEXT_LEN>;
 
 #[derive(Clone, Copy)]
 struct Row {
@@ -163,6 +144,6 @@ mod tests {
     fn long_texts_are_cut_at_a_character_boundary() {
         let mut c = Counters::default();
         c.add(Source::Worker, &"é".repeat(40), "terminated");
-        assert_eq!(c.rows()[0].reason, "é".repeat(24));
+        assert_eq!(c.rows()[0].reason, "é".repeat(23));
     }
 }

@@ -1,13 +1,14 @@
 //! Draining a database: a connection gate in shared memory checked at client authentication,
 //! plus `drain_database()`, `undrain_database()` and `drains()`.
 
+use crate::audit::{self, Act};
 use crate::backends;
 use crate::counters::Source;
 use crate::errors::{null_argument, raise};
 use crate::gate::{DbName, Gate, GateError, Verdict};
 use crate::kill::{self, KillRequest, Target};
 use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
-use crate::shmem::{self, require_preloaded, GATES};
+use crate::shmem::{require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -287,7 +288,18 @@ impl Drain {
             for pid in starting.iter().filter(|pid| signalled_starting.insert(**pid)) {
                 if signal::send(*pid, Signal::Terminate).is_ok() {
                     log!("session_kill: sent terminate to pid {pid} (a login to database {} still starting up)", self.db);
-                    shmem::count(Source::DrainDatabase, "terminate", "terminated while starting");
+                    audit::record(&Act {
+                        source: Source::DrainDatabase,
+                        counted_as: "terminate",
+                        rule: None,
+                        reason: self.request.reason.as_deref(),
+                        pid: *pid,
+                        session: None,
+                        database: Some(&self.db),
+                        query: None,
+                        action: "terminate",
+                        outcome: "terminated while starting",
+                    });
                     totals.1 += 1;
                 }
             }

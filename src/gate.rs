@@ -12,36 +12,8 @@ use crate::policy::Micros;
 pub const MAX_GATES: usize = 64;
 /// How many recent admissions are remembered: enough to cover every login still starting up.
 pub const RECENT_ADMISSIONS: usize = 1024;
-/// PostgreSQL's NAMEDATALEN: names are at most 63 bytes plus a NUL.
-const NAME_LEN: usize = 64;
-
-/// A database name as stored in shared memory.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct DbName([u8; NAME_LEN]);
-
-impl DbName {
-    /// Truncates like PostgreSQL does (at a character boundary below 64 bytes).
-    pub fn new(name: &str) -> DbName {
-        let mut end = name.len().min(NAME_LEN - 1);
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut bytes = [0u8; NAME_LEN];
-        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
-        DbName(bytes)
-    }
-
-    pub fn as_str(&self) -> &str {
-        let len = self.0.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
-        std::str::from_utf8(&self.0[..len]).unwrap_or("")
-    }
-}
-
-impl std::fmt::Debug for DbName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.as_str())
-    }
-}
+/// A name as stored in shared memory: PostgreSQL's NAMEDATALEN, 63 bytes plus a NUL.
+pub type DbName = crate::fixed::FixedText<64>;
 
 /// One closed database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,6 +36,15 @@ pub static MAX_CONNECTION_USAGE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 /// `session_kill.dry_run`: the worker logs what it would do and signals nothing.
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// `session_kill.database`: the database whose `session_kill.rules` table the worker enforces
+/// and whose `session_kill.log` table receives the audit trail (install the extension there).
+/// Empty: no rules table and no audit table; the settings, counters and server log still work.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// `session_kill.log_retention`: rows of `session_kill.log` older than this are deleted each
+/// time entries are written (and at least hourly). 0 keeps no rows: the server log only.
+pub static LOG_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+
 pub fn register() {
     for (name, short, setting) in [
         (
@@ -75,6 +84,24 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"session_kill.database",
+        c"Database holding the session_kill.rules and session_kill.log tables.",
+        c"Empty turns both tables off.",
+        &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"session_kill.log_retention",
+        c"Rows of session_kill.log older than this are deleted (0 keeps none).",
+        c"",
+        &LOG_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_bool_guc(
         c"session_kill.dry_run",
         c"The session_kill worker only logs what it would do.",
@@ -110,10 +137,15 @@ fn list_input() -> GucFlags {
     GucFlags::from_bits_truncate(pgrx::pg_sys::GUC_LIST_INPUT as i32)
 }
 
-/// The worker's limits right now, in microseconds.
-pub fn limits() -> crate::policy::Limits {
+/// `session_kill.database`, unless empty.
+pub fn database() -> Option<String> {
+    Some(list(&DATABASE)).filter(|name| !name.is_empty())
+}
+
+/// The limits set here, in microseconds: the rules below every row of `session_kill.rules`.
+pub fn limits() -> crate::rules::Limits {
     let micros = |setting: &GucSetting<i32>| i64::from(setting.get()) * 1000;
-    crate::policy::Limits {
+    crate::rules::Limits {
         idle: micros(&IDLE_TIMEOUT),
         idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
         transaction: micros(&TRANSACTION_TIMEOUT),

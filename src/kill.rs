@@ -1,6 +1,7 @@
 //! `session_kill.sessions()` and `session_kill.kill_sessions()`: thin SQL wrappers over the
 //! snapshot, the policy and the signal modules.
 
+use crate::audit::{self, Act};
 use crate::backends::{self, Backend};
 use crate::counters::Source;
 use crate::errors::{null_argument, or_raise, raise};
@@ -9,7 +10,6 @@ use crate::policy::{
     query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
     Protections, Recheck, Session, State,
 };
-use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
 use crate::sqltypes::{self, Name};
 use pgrx::datum::{Inet, Interval, TimestampWithTimeZone};
@@ -215,7 +215,11 @@ impl KillRequest {
         let targets = self.signal_and_wait(targets);
         for t in &targets {
             let outcome = t.outcome.map_or_else(String::new, |o| o.to_string());
-            shmem::count(self.source, self.mode.label(), &outcome);
+            audit::record(&Act {
+                counted_as: self.mode.label(),
+                reason: self.reason.as_deref(),
+                ..Act::on(self.source, &t.backend, &t.chosen, t.action, &outcome)
+            });
         }
         targets
     }

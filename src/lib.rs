@@ -1,22 +1,27 @@
 //! session_kill: list, cancel, terminate and drain client sessions from inside the server.
 //!
-//! `_PG_init` registers the settings and, when preloaded, shared memory (drain gates, counters),
-//! the authentication hook and the background worker.
+//! `_PG_init` registers the settings and, when preloaded, shared memory (drain gates, counters,
+//! rules, audit queue), the authentication hook and the background worker.
 
 use pgrx::prelude::*;
 
+mod audit;
 mod backends;
 mod counters;
 mod drain;
 mod errors;
+mod fixed;
 mod gate;
 mod gucs;
 mod kill;
 mod policy;
+mod rule_table;
+mod rules;
 mod shmem;
 mod signal;
 mod sqltypes;
 mod stats;
+mod sync;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -41,6 +46,8 @@ extension_sql!(
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill FROM PUBLIC;
 GRANT USAGE ON SCHEMA session_kill TO PUBLIC;
 GRANT EXECUTE ON FUNCTION session_kill.sessions(name) TO PUBLIC;
+-- Whoever is granted rights on session_kill.rules must pass its row check.
+GRANT EXECUTE ON FUNCTION session_kill.check_rule(text, text, text, text, text, interval, text, interval) TO PUBLIC;
 "#,
     name = "privileges",
     finalize

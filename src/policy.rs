@@ -95,7 +95,7 @@ impl Mode {
 }
 
 /// Finds the value whose label is `text` (case-insensitive); the error hint lists every label.
-fn parse_label<T: Copy>(
+pub(crate) fn parse_label<T: Copy>(
     text: &str,
     all: &[T],
     label: fn(T) -> &'static str,
@@ -508,62 +508,6 @@ impl From<Recheck> for Outcome {
     }
 }
 
-/// The worker's idle limits (`session_kill.idle_timeout` and friends); 0 turns one off.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub idle: Micros,
-    pub idle_in_transaction: Micros,
-    pub transaction: Micros,
-}
-
-/// Which limit a session ran into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitKind {
-    Idle,
-    IdleInTransaction,
-    Transaction,
-}
-
-impl LimitKind {
-    /// The setting that imposes it.
-    pub fn setting(self) -> &'static str {
-        match self {
-            LimitKind::Idle => "session_kill.idle_timeout",
-            LimitKind::IdleInTransaction => "session_kill.idle_in_transaction_timeout",
-            LimitKind::Transaction => "session_kill.transaction_timeout",
-        }
-    }
-}
-
-impl Limits {
-    /// When `s` runs into a limit, and which; the earliest if several apply. Idle limits run
-    /// from the last state change, so a session that ran a statement starts over.
-    pub fn deadline(&self, s: &Session) -> Option<(Micros, LimitKind)> {
-        let idle = match s.state {
-            Some(State::Idle) if self.idle > 0 => Some((s.state_change + self.idle, LimitKind::Idle)),
-            Some(State::IdleInTransaction | State::IdleInTransactionAborted)
-                if self.idle_in_transaction > 0 =>
-            {
-                Some((s.state_change + self.idle_in_transaction, LimitKind::IdleInTransaction))
-            }
-            _ => None,
-        }
-        .filter(|_| s.state_change != 0);
-        let transaction = (self.transaction > 0 && s.xact_start != 0)
-            .then_some((s.xact_start + self.transaction, LimitKind::Transaction));
-        [idle, transaction].into_iter().flatten().min_by_key(|(at, _)| *at)
-    }
-
-    /// When to scan next: at the earliest known deadline, and no later than the shortest limit
-    /// from now (a session that becomes idle after this scan cannot expire sooner). `None` when
-    /// every limit is off: sleep until something changes.
-    pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
-        let shortest =
-            [self.idle, self.idle_in_transaction, self.transaction].into_iter().filter(|l| *l > 0).min();
-        [earliest_deadline, shortest.map(|l| now + l)].into_iter().flatten().min()
-    }
-}
-
 /// The pressure reaper's choice when `count` client sessions exceed `threshold`: the longest-idle
 /// unprotected sessions, idle in transaction first (they hold locks and snapshots), each group
 /// oldest first, as many as it takes to get back to the threshold. Running sessions are never
@@ -600,13 +544,14 @@ pub fn query_still_running(cancelled: &Session, fresh: Option<&Session>) -> bool
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    const SEC: Micros = 1_000_000;
-    const NOW: Micros = 1_000 * SEC;
+    pub const SEC: Micros = 1_000_000;
+    pub const NOW: Micros = 1_000 * SEC;
 
-    fn client(pid: i32, state: State, idle_secs: i64) -> Session {
+    /// A client session of role app in database 16384, `idle_secs` in `state`.
+    pub fn client(pid: i32, state: State, idle_secs: i64) -> Session {
         Session {
             pid,
             backend_start: 10 * SEC,
@@ -624,6 +569,12 @@ mod tests {
             caller_may_signal: true,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_support::*;
 
     fn filter() -> Filter {
         Filter {
@@ -805,33 +756,6 @@ mod tests {
     fn outcome_labels() {
         assert_eq!(Outcome::Protected(Protection::Superuser).to_string(), "skipped: superuser");
         assert_eq!(Outcome::StillRunningAfterWait.to_string(), "still running after wait");
-    }
-
-    #[test]
-    fn deadlines_follow_the_state_and_the_earliest_limit_wins() {
-        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 };
-        let idle = client(1, State::Idle, 5);
-        assert_eq!(limits.deadline(&idle), Some((NOW + 55 * SEC, LimitKind::Idle)));
-        let in_tx = client(2, State::IdleInTransaction, 5);
-        assert_eq!(limits.deadline(&in_tx), Some((NOW + 5 * SEC, LimitKind::IdleInTransaction)));
-        let aborted = client(3, State::IdleInTransactionAborted, 20);
-        assert_eq!(limits.deadline(&aborted), Some((NOW - 10 * SEC, LimitKind::IdleInTransaction)));
-        assert_eq!(limits.deadline(&client(4, State::Active, 0)), None, "running sessions are not idle");
-        let with_tx = Limits { transaction: 30 * SEC, ..limits };
-        let old_tx = Session { xact_start: NOW - 29 * SEC, ..client(5, State::IdleInTransaction, 1) };
-        assert_eq!(with_tx.deadline(&old_tx), Some((NOW + SEC, LimitKind::Transaction)));
-        let active_tx = Session { xact_start: NOW - 40 * SEC, ..client(6, State::Active, 0) };
-        assert_eq!(with_tx.deadline(&active_tx), Some((NOW - 10 * SEC, LimitKind::Transaction)));
-        assert_eq!(Limits::default().deadline(&idle), None, "all off");
-    }
-
-    #[test]
-    fn next_scan_is_the_earliest_deadline_or_the_shortest_limit() {
-        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 };
-        assert_eq!(limits.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
-        assert_eq!(limits.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 10 * SEC));
-        assert_eq!(limits.next_scan(NOW, None), Some(NOW + 10 * SEC));
-        assert_eq!(Limits::default().next_scan(NOW, None), None);
     }
 
     #[test]

@@ -1,10 +1,14 @@
-//! Everything session_kill keeps in shared memory (only when preloaded): the drain gates and the
-//! action counters, plus the check that SQL functions needing them make.
+//! Everything session_kill keeps in shared memory (only when preloaded): the drain gates, the
+//! action counters, the published rules, the audit queue and the sync worker's state, plus the
+//! check that SQL functions needing them make.
 
+use crate::audit::{AuditQueue, Entry};
 use crate::counters::{Counters, Source, WorkerStatus};
 use crate::errors::raise;
 use crate::gate::GateTable;
 use crate::policy::Micros;
+use crate::rules::{PublishedRules, RuleRow};
+use crate::sync::SyncState;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,17 +17,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 unsafe impl PGRXSharedMemory for GateTable {}
 // SAFETY: as above.
 unsafe impl PGRXSharedMemory for Counters {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for PublishedRules {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for AuditQueue {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for SyncState {}
 
 // SAFETY: the names are unique to this extension.
 pub static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
 // SAFETY: as above.
 static COUNTERS: PgLwLock<Counters> = unsafe { PgLwLock::new(c"session_kill_counters") };
+// SAFETY: as above.
+static RULES: PgLwLock<PublishedRules> = unsafe { PgLwLock::new(c"session_kill_rules") };
+// SAFETY: as above.
+static AUDIT: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"session_kill_audit") };
+// SAFETY: as above.
+pub static SYNC: PgLwLock<SyncState> = unsafe { PgLwLock::new(c"session_kill_sync") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// From `_PG_init` while `shared_preload_libraries` is being processed.
 pub fn init() {
     pg_shmem_init!(GATES = GateTable::default());
     pg_shmem_init!(COUNTERS = Counters::default());
+    pg_shmem_init!(RULES = PublishedRules::default());
+    pg_shmem_init!(AUDIT = AuditQueue::default());
+    pg_shmem_init!(SYNC = SyncState::default());
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -58,4 +77,33 @@ pub fn worker_scanned(pid: i32, at: Micros, next: Option<Micros>) {
 pub fn counts() -> (Vec<crate::counters::Count>, WorkerStatus) {
     let counters = COUNTERS.share();
     (counters.rows(), counters.worker)
+}
+
+pub fn worker_pid() -> i32 {
+    COUNTERS.share().worker.pid
+}
+
+/// Queues an audit entry; true when the queue was empty (the worker should be woken).
+pub fn queue_audit(entry: Entry) -> bool {
+    let mut queue = AUDIT.exclusive();
+    queue.push(entry);
+    queue.pending() == 1
+}
+
+pub fn audit_pending() -> usize {
+    AUDIT.share().pending()
+}
+
+/// Every queued entry and how many were lost; empties the queue.
+pub fn take_audit() -> (Vec<Entry>, u64) {
+    AUDIT.exclusive().take()
+}
+
+/// Replaces the published rules; returns how many were kept.
+pub fn publish_rules(rows: &[RuleRow]) -> usize {
+    RULES.exclusive().publish(rows)
+}
+
+pub fn published_rules() -> Vec<RuleRow> {
+    RULES.share().rows()
 }

@@ -116,3 +116,20 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         pgrx::check_for_interrupts!();
     }
 }
+
+/// Sets the worker's latch so it scans now (a login under connection pressure, a rules change,
+/// an audit entry waiting).
+pub fn wake_worker() {
+    let pid = crate::shmem::worker_pid();
+    if pid == 0 {
+        return;
+    }
+    // SAFETY: BackendPidGetProc returns a live PGPROC or NULL; setting its latch is what
+    // PostgreSQL itself does to wake another process.
+    unsafe {
+        let proc = pg_sys::BackendPidGetProc(pid);
+        if !proc.is_null() {
+            pg_sys::SetLatch(&raw mut (*proc).procLatch);
+        }
+    }
+}

@@ -17,8 +17,9 @@ fn action_counts() -> TableIterator<
     TableIterator::new(rows.into_iter().map(|r| (r.source.to_owned(), r.reason, r.outcome, r.count as i64)))
 }
 
-/// The background worker's schedule: its PID, its last scan and when it plans the next one
-/// (NULL when every limit is off and it sleeps until the settings change).
+/// The background worker's schedule (its PID, its last scan and when it plans the next one;
+/// NULL when nothing is due and it sleeps until something changes), the rules in force and
+/// the audit entries waiting for `session_kill.log`.
 #[pg_extern(volatile, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 fn worker_status() -> TableIterator<
@@ -28,15 +29,24 @@ fn worker_status() -> TableIterator<
         name!(last_scan, Option<TimestampWithTimeZone>),
         name!(next_scan, Option<TimestampWithTimeZone>),
         name!(scans, i64),
+        name!(rules, i32),
+        name!(rules_loaded_at, Option<TimestampWithTimeZone>),
+        name!(rules_status, Option<String>),
+        name!(audit_queued, i32),
     ),
 > {
     shmem::require_preloaded();
     let (_, w) = shmem::counts();
+    let sync = *shmem::SYNC.share();
     TableIterator::once((
         (w.pid != 0).then_some(w.pid),
         kill::timestamp(w.last_scan),
         kill::timestamp(w.next_scan),
         w.scans as i64,
+        shmem::published_rules().len() as i32,
+        kill::timestamp(sync.rules_loaded_at),
+        Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
+        shmem::audit_pending() as i32,
     ))
 }
 
@@ -45,7 +55,7 @@ extension_sql!(
 CREATE VIEW session_kill.stats AS SELECT * FROM session_kill.action_counts();
 COMMENT ON VIEW session_kill.stats IS 'Sessions acted on since the server started, by path, reason and outcome';
 CREATE VIEW session_kill.worker AS SELECT * FROM session_kill.worker_status();
-COMMENT ON VIEW session_kill.worker IS 'The session_kill background worker: last scan and next planned scan';
+COMMENT ON VIEW session_kill.worker IS 'The session_kill background worker: last and next scan, rules in force, audit entries waiting';
 "#,
     name = "stats_views",
     requires = [action_counts, worker_status]

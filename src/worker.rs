@@ -5,17 +5,20 @@
 //! With `session_kill.max_connection_usage` set it also ends the longest-idle sessions when
 //! client sessions crowd `max_connections`; it needs no client slot to do so.
 
-use crate::backends;
+use crate::audit::{self, Act};
+use crate::backends::{self, Backend};
 use crate::counters::Source;
 use crate::gucs;
 use crate::kill;
-use crate::policy::{pressure_victims, BackendKind, Limits, Micros, Outcome, Protections, Session, State};
+use crate::policy::{pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State};
+use crate::rules::{Action, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
+use crate::sync;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -42,12 +45,17 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
     // SAFETY: reports our application_name so the worker is recognisable in pg_stat_activity.
     unsafe { pg_sys::pgstat_report_appname(c"session_kill worker".as_ptr()) };
     log!("session_kill worker started");
+    // SAFETY: MyProcPid is set for the life of the process.
+    shmem::worker_scanned(unsafe { pg_sys::MyProcPid }, 0, None);
+    sync::request_rules();
     let mut worker = Worker::default();
     let mut backoff = FIRST_BACKOFF;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: what every worker does on SIGHUP, outside a transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // session_kill.database may name another database now.
+            sync::request_rules();
         }
         let next = match scan_or_error(&mut worker) {
             Ok(next) => {
@@ -81,18 +89,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// One scan in its own transaction; an ERROR inside it is caught, its transaction aborted, and
 /// reported, so a fault is retried with backoff instead of restarting the worker.
 fn scan_or_error(worker: &mut Worker) -> Result<Option<Micros>, String> {
-    PgTryBuilder::new(AssertUnwindSafe(|| {
-        Ok(BackgroundWorker::transaction(AssertUnwindSafe(|| worker.scan())))
-    }))
-    .catch_others(|caught| {
-        // SAFETY: the failed scan left its transaction open; abort it before going on.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        Err(match caught {
-            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
-            CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+    in_transaction(|| worker.scan())
+}
+
+/// Runs `body` in a transaction of its own; an ERROR inside aborts that transaction and comes
+/// back as its message.
+pub(crate) fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, String> {
+    PgTryBuilder::new(AssertUnwindSafe(|| Ok(BackgroundWorker::transaction(AssertUnwindSafe(body)))))
+        .catch_others(|caught| {
+            // SAFETY: the failed body left its transaction open; abort it before going on.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match caught {
+                CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+            })
         })
-    })
-    .execute()
+        .execute()
 }
 
 /// From now until `at`, rounded up to whole milliseconds (the latch's resolution) so the worker
@@ -105,61 +117,118 @@ fn until(at: Micros) -> Duration {
 /// While the pressure reaper is on, how often the worker counts sessions even if no deadline is due.
 const PRESSURE_CHECK: Micros = 100_000;
 
+type BackendKey = (i32, Micros);
+
 #[derive(Default)]
 struct Worker {
-    /// Backends already signalled (or reported, in dry run), by PID and start time.
-    handled: HashSet<(i32, Micros)>,
+    /// Backends already terminated (or reported, in dry run).
+    handled: HashSet<BackendKey>,
+    /// Backends whose statement a `cancel_then_terminate` rule cancelled, and when their grace ends.
+    cancelled: HashMap<BackendKey, Micros>,
+    /// Database names by OID, for rules' database patterns.
+    databases: HashMap<u32, String>,
+}
+
+fn key(s: &Session) -> BackendKey {
+    (s.pid, s.backend_start)
+}
+
+fn earliest(a: Option<Micros>, b: Option<Micros>) -> Option<Micros> {
+    [a, b].into_iter().flatten().min()
 }
 
 impl Worker {
-    /// Ends every session past a deadline, relieves connection pressure, and returns when to
-    /// scan next.
+    /// Ends every session past its deadline, relieves connection pressure, starts a sync of the
+    /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan(&mut self) -> Option<Micros> {
-        let limits = gucs::limits();
+        let now = backends::now();
+        let sync_at = sync::launch_if_due(now);
+        let rules = self.rules();
         let usage = gucs::MAX_CONNECTION_USAGE.get();
         let sessions = backends::sessions();
-        self.handled.retain(|(pid, start)| sessions.get(pid).is_some_and(|s| s.backend_start == *start));
-        if limits == Limits::default() && usage <= 0.0 {
-            return None;
+        let alive = |k: &BackendKey| sessions.get(&k.0).is_some_and(|s| s.backend_start == k.1);
+        self.handled.retain(alive);
+        self.cancelled.retain(|k, _| alive(k));
+        if rules.is_empty() && usage <= 0.0 {
+            return sync_at;
         }
         let protections = kill::configured_protections(false);
-        let now = backends::now();
-        let mut earliest: Option<Micros> = None;
+        let mut next: Option<Micros> = None;
         for s in sessions.values().filter(|s| s.kind == BackendKind::Client) {
-            if protections.protection(s).is_some() || self.handled.contains(&(s.pid, s.backend_start)) {
+            if protections.protection(s).is_some() || self.handled.contains(&key(s)) {
                 continue;
             }
-            match limits.deadline(s) {
-                Some((deadline, _)) if deadline > now => {
-                    earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+            let verdict = rules.verdict(s, self.database_name(s.database_oid));
+            let wake = match verdict {
+                Some(v) if v.deadline > now => {
+                    self.cancelled.remove(&key(s));
+                    Some(v.deadline)
                 }
-                Some(_) => self.enforce_limit(s, &limits),
-                None => {}
-            }
+                Some(_) => self.enforce(s, &rules),
+                None => {
+                    self.cancelled.remove(&key(s));
+                    None
+                }
+            };
+            next = earliest(next, wake);
         }
-        let next = limits.next_scan(now, earliest);
+        let next = earliest(rules.next_scan(now, next), sync_at);
         if usage <= 0.0 {
             return next;
         }
         let staying: Vec<&Session> = sessions
             .values()
-            .filter(|s| s.kind == BackendKind::Client && !self.handled.contains(&(s.pid, s.backend_start)))
+            .filter(|s| s.kind == BackendKind::Client && !self.handled.contains(&key(s)))
             .collect();
         self.relieve_pressure(&staying, usage, &protections);
-        Some(next.map_or(now + PRESSURE_CHECK, |n| n.min(now + PRESSURE_CHECK)))
+        earliest(next, Some(now + PRESSURE_CHECK))
     }
 
-    /// Re-reads the session from its live entry and terminates it if it is the same backend and
-    /// still past a deadline (a session that just ran a statement is not ended for idleness).
-    fn enforce_limit(&mut self, chosen: &Session, limits: &Limits) {
+    /// The published rows of `session_kill.rules` and the settings, as one rule set.
+    fn rules(&self) -> RuleSet {
+        let rows = shmem::published_rules().iter().filter_map(|row| Rule::from_row(row).ok()).collect();
+        RuleSet::new(rows, gucs::limits())
+    }
+
+    fn database_name(&mut self, oid: u32) -> &str {
+        self.databases
+            .entry(oid)
+            .or_insert_with(|| backends::database_name(pg_sys::Oid::from(oid)).unwrap_or_default())
+    }
+
+    /// Re-reads the session from its live entry and acts if it is the same backend and still
+    /// past a deadline (a session that just ran a statement is not ended for idleness). Returns
+    /// when to look at it again (the end of a cancel's grace).
+    fn enforce(&mut self, chosen: &Session, rules: &RuleSet) -> Option<Micros> {
         let now = backends::now();
-        let Some(fresh) = backends::live_session(chosen.pid).filter(|f| f.same_backend(chosen)) else {
-            return;
+        let fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
+        let datname = fresh.datname.clone().unwrap_or_default();
+        let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
+        let rule = verdict.rule.origin.label();
+        let limit = match verdict.rule.origin {
+            Origin::Row(_) => format!(
+                "{rule} ({} longer than {})",
+                verdict.rule.measure.label(),
+                kill::interval(verdict.rule.timeout)
+            ),
+            Origin::Setting(_) => rule.clone(),
         };
-        if let Some((deadline, kind)) = limits.deadline(&fresh).filter(|(d, _)| *d <= now) {
-            let why = format!("{} exceeded by {:.1} ms", kind.setting(), (now - deadline) as f64 / 1000.0);
-            self.terminate(&fresh, kind.setting(), &why);
+        let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
+        match self.cancelled.get(&key(chosen)) {
+            Some(grace_end) if now < *grace_end => return Some(*grace_end),
+            Some(_) => {}
+            None if verdict.rule.action == Action::CancelThenTerminate
+                && fresh.session.state.is_some_and(State::is_running) =>
+            {
+                let grace_end = now + verdict.rule.grace;
+                self.cancelled.insert(key(chosen), grace_end);
+                self.signal(&fresh, Signal::Cancel, &rule, &why);
+                return Some(grace_end);
+            }
+            None => {}
         }
+        self.signal(&fresh, Signal::Terminate, &rule, &why);
+        None
     }
 
     /// Above `usage` × max_connections client sessions, ends the longest-idle ones.
@@ -168,37 +237,55 @@ impl Worker {
         let max_connections = unsafe { pg_sys::MaxConnections } as usize;
         let threshold = (usage * max_connections as f64).floor() as usize;
         for victim in pressure_victims(clients, clients.len(), threshold, protections) {
-            let fresh = backends::live_session(victim.pid).filter(|f| f.same_backend(victim));
-            if let Some(fresh) = fresh.filter(|f| f.state.is_some_and(State::is_idle)) {
+            let fresh = backends::live_backend(victim.pid).filter(|f| f.session.same_backend(victim));
+            if let Some(fresh) = fresh.filter(|f| f.session.state.is_some_and(State::is_idle)) {
                 let why = format!(
                     "connection pressure, {} client sessions above session_kill.max_connection_usage ({threshold} of max_connections {max_connections})",
                     clients.len()
                 );
-                self.terminate(&fresh, "session_kill.max_connection_usage", &why);
+                self.signal(&fresh, Signal::Terminate, "session_kill.max_connection_usage", &why);
             }
         }
     }
 
-    /// Terminates `s` (or, in dry run, says it would), logs why and counts it under `reason`.
-    fn terminate(&mut self, s: &Session, reason: &str, why: &str) {
-        self.handled.insert((s.pid, s.backend_start));
+    /// Terminates or cancels `b` (or, in dry run, says it would), logs why, and records it
+    /// under `rule`.
+    fn signal(&mut self, b: &Backend, signal: Signal, rule: &str, why: &str) {
+        let s = &b.session;
+        let (verb, done, action) = match signal {
+            Signal::Terminate => ("terminate", "terminated", "terminate"),
+            Signal::Cancel => ("cancel the statement of", "cancelled the statement of", "cancel"),
+        };
+        if signal == Signal::Terminate || gucs::DRY_RUN.get() {
+            self.handled.insert(key(s));
+        }
         let who = format!("{}: {why}", s.describe());
         let outcome = if gucs::DRY_RUN.get() {
-            log!("session_kill: dry run, would terminate {who}");
+            log!("session_kill: dry run, would {verb} {who}");
             Outcome::DryRun
         } else {
-            match signal::send(s.pid, Signal::Terminate) {
+            match signal::send(s.pid, signal) {
                 Ok(()) => {
-                    log!("session_kill: terminated {who}");
-                    Outcome::Terminated
+                    log!("session_kill: {done} {who}");
+                    if signal == Signal::Terminate {
+                        Outcome::Terminated
+                    } else {
+                        Outcome::Cancelled
+                    }
                 }
                 Err(SignalError::Gone) => Outcome::AlreadyGone,
                 Err(e) => {
-                    warning!("session_kill: could not terminate {who}: {e:?}");
+                    warning!("session_kill: could not {verb} {who}: {e:?}");
                     Outcome::SignalFailed
                 }
             }
         };
-        shmem::count(Source::Worker, reason, &outcome.to_string());
+        let outcome = outcome.to_string();
+        audit::record(&Act {
+            counted_as: rule,
+            rule: Some(rule),
+            reason: Some(why),
+            ..Act::on(Source::Worker, b, s, action, &outcome)
+        });
     }
 }

@@ -127,6 +127,33 @@ fn dry_run_only_logs() {
         .unwrap()
         .get(0);
     assert_eq!(counted, 1, "reported once, not at every scan");
+
+    // Rules too: the would-be action is logged, counted under the rule and audited, no more.
+    let rule: i64 = s
+        .admin()
+        .query_one(
+            "INSERT INTO session_kill.rules (role, state, timeout, action) VALUES ('app', 'active', '300ms', 'cancel_then_terminate') RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let running = ActiveSession::start(&s, s.connect("postgres", APP), 2);
+    let pid = running.pid;
+    wait_for(Duration::from_secs(20), || {
+        logged(&s, &format!("dry run, would cancel the statement of pid {pid} "))
+    });
+    assert_eq!(running.finish(), (Ok(()), ClientView::Alive), "neither cancelled nor terminated");
+    assert_eq!(idle.probe(), ClientView::Alive);
+    wait_for(Duration::from_secs(20), || {
+        s.admin()
+            .query_one(
+                "SELECT count(*) FROM session_kill.log WHERE pid = $1 AND rule = $2 AND action = 'cancel' AND outcome = 'dry run'",
+                &[&pid, &format!("rule {rule}")],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
     s.stop();
 }
 
@@ -268,6 +295,9 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
         logged(&standby, &format!("session_kill: terminated pid {} (user app", idle.pid)),
         "the action is in the standby's server log"
     );
+    let queued: i32 =
+        standby.admin().query_one("SELECT audit_queued FROM session_kill.worker", &[]).unwrap().get(0);
+    assert_eq!(queued, 0, "a standby queues nothing for session_kill.log: it cannot write");
     standby.stop();
     primary.stop();
 }
@@ -299,5 +329,65 @@ fn sigterm_stops_the_worker_and_the_postmaster_restarts_it() {
             .get::<_, i64>(0)
             == 1
     });
+    s.stop();
+}
+
+/// Sessions that start a statement a hair (2 ms) before their idle deadline are not ended: the
+/// worker wakes at the deadline, re-reads the session and finds it running. Each statement first
+/// sets a sequence (which no rollback undoes), so a session ended after its statement had begun
+/// is told apart from one the client sent too late (then ending it is right, and it reconnects).
+#[test]
+fn a_session_turning_active_at_its_deadline_is_not_ended() {
+    const LIMIT: Duration = Duration::from_millis(500);
+    const MARGIN: Duration = Duration::from_millis(2);
+    const SESSIONS: usize = 8;
+    const STATEMENTS: i64 = 10;
+    let s = Server::start(&["session_kill.idle_timeout = '500ms'"]);
+    let sequences: Vec<String> = (0..SESSIONS).map(|i| format!("started_{i}")).collect();
+    for seq in &sequences {
+        s.admin()
+            .batch_execute(&format!("CREATE SEQUENCE {seq}; GRANT UPDATE ON SEQUENCE {seq} TO app"))
+            .unwrap();
+    }
+    let outcomes: Vec<(i64, i64)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = sequences
+            .iter()
+            .map(|seq| {
+                let s = &s;
+                scope.spawn(move || {
+                    let (mut on_time, mut too_late) = (0, 0);
+                    let mut client = s.connect("postgres", APP);
+                    let mut idle_since = std::time::Instant::now();
+                    for k in 1..=STATEMENTS {
+                        std::thread::sleep(
+                            (idle_since + LIMIT - MARGIN)
+                                .saturating_duration_since(std::time::Instant::now()),
+                        );
+                        let ran =
+                            client.simple_query(&format!("SELECT setval('{seq}', {k}), pg_sleep(0.02)"));
+                        idle_since = std::time::Instant::now();
+                        if ran.is_ok() {
+                            on_time += 1;
+                            continue;
+                        }
+                        let started: i64 = s
+                            .admin()
+                            .query_one(&format!("SELECT last_value FROM {seq}"), &[])
+                            .unwrap()
+                            .get(0);
+                        assert_eq!(started, k - 1, "{seq}: ended while statement {k} was running");
+                        too_late += 1;
+                        client = s.connect("postgres", APP);
+                        client.batch_execute(&format!("SELECT setval('{seq}', {k})")).unwrap();
+                        idle_since = std::time::Instant::now();
+                    }
+                    (on_time, too_late)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let on_time: i64 = outcomes.iter().map(|o| o.0).sum();
+    assert!(on_time > 0, "some statements started just before their deadline: {outcomes:?}");
     s.stop();
 }

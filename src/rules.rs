@@ -1,0 +1,510 @@
+//! The worker's rules, as plain Rust: rows of `session_kill.rules` and the limits set in
+//! postgresql.conf (which act as rules below every row), and which rule governs a session.
+//!
+//! Rules compete per state. For a session in a given state, the enabled rules whose patterns
+//! match it and whose `state` applies to that state are candidates ('idle' for idle sessions,
+//! 'idle in transaction' for sessions idle inside a transaction, 'active' for running ones, and
+//! 'transaction' for any session inside a transaction). The candidate with the highest priority
+//! governs; among equal priorities the one whose deadline comes first. A high-priority rule with
+//! a long timeout is therefore how an exception is written.
+
+use crate::fixed::FixedText;
+use crate::policy::{parse_label, Cidr, InputError, LikePattern, Micros, Session, State};
+
+/// What a rule's timeout measures: the rule's `state` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// Idle outside a transaction, since the last statement ended.
+    Idle,
+    /// Idle inside a transaction (also an aborted one), since the last statement ended.
+    IdleInTransaction,
+    /// Inside a transaction, running or not, since the transaction began.
+    Transaction,
+    /// Running a statement, since it began.
+    Active,
+}
+
+impl Measure {
+    const ALL: [Measure; 4] =
+        [Measure::Idle, Measure::IdleInTransaction, Measure::Transaction, Measure::Active];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Measure::Idle => "idle",
+            Measure::IdleInTransaction => "idle in transaction",
+            Measure::Transaction => "transaction",
+            Measure::Active => "active",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Measure, InputError> {
+        parse_label(text, &Measure::ALL, Measure::label, "rule state", "rule states")
+    }
+
+    /// Since when `s` has been in the measured condition; `None` when it is not in it.
+    pub fn since(self, s: &Session) -> Option<Micros> {
+        let since = match (self, s.state?) {
+            (Measure::Idle, State::Idle) => s.state_change,
+            (Measure::IdleInTransaction, State::IdleInTransaction | State::IdleInTransactionAborted) => {
+                s.state_change
+            }
+            (Measure::Transaction, _) => s.xact_start,
+            (Measure::Active, state) if state.is_running() => s.query_start,
+            _ => return None,
+        };
+        (since != 0).then_some(since)
+    }
+}
+
+/// What the worker does to a session past its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Terminate,
+    /// Cancel the running statement; terminate if the session is still past a deadline after
+    /// `grace`. A session that runs nothing has nothing to cancel and is terminated at once.
+    CancelThenTerminate,
+}
+
+impl Action {
+    const ALL: [Action; 2] = [Action::Terminate, Action::CancelThenTerminate];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Terminate => "terminate",
+            Action::CancelThenTerminate => "cancel_then_terminate",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Action, InputError> {
+        parse_label(text, &Action::ALL, Action::label, "rule action", "rule actions")
+    }
+}
+
+/// Where a rule comes from: a row of `session_kill.rules`, or a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Row(i64),
+    Setting(&'static str),
+}
+
+impl Origin {
+    /// `rule 3` or `session_kill.idle_timeout`: the name counters, logs and the audit use.
+    pub fn label(self) -> String {
+        match self {
+            Origin::Row(id) => format!("rule {id}"),
+            Origin::Setting(name) => name.to_owned(),
+        }
+    }
+}
+
+/// One row of `session_kill.rules` as stored: the columns the worker needs, still as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRow {
+    pub id: i64,
+    pub database: String,
+    pub role: String,
+    pub application: String,
+    pub client_addr: Option<String>,
+    pub state: String,
+    pub timeout: Micros,
+    pub action: String,
+    pub grace: Micros,
+    pub priority: i32,
+}
+
+/// Patterns are kept in shared memory, in fixed slots of this many bytes.
+pub const MAX_PATTERN_LEN: usize = 63;
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub origin: Origin,
+    database: LikePattern,
+    role: LikePattern,
+    application: LikePattern,
+    client: Option<Cidr>,
+    pub measure: Measure,
+    pub timeout: Micros,
+    pub action: Action,
+    pub grace: Micros,
+    /// Settings rank below every row, whatever its priority.
+    priority: i64,
+}
+
+impl Rule {
+    /// Checks a row the way the table's trigger does before accepting it.
+    pub fn from_row(row: &RuleRow) -> Result<Rule, InputError> {
+        let pattern = |column: &str, text: &str| {
+            if text.len() > MAX_PATTERN_LEN {
+                return Err(InputError::invalid(
+                    format!("{column} pattern is too long"),
+                    format!("Patterns are at most {MAX_PATTERN_LEN} bytes, like PostgreSQL names."),
+                ));
+            }
+            LikePattern::parse(text)
+        };
+        if row.timeout <= 0 {
+            return Err(InputError::invalid(
+                "timeout must be positive",
+                "Give the rule a timeout such as '10min'; to switch a rule off, set enabled to false.",
+            ));
+        }
+        if row.grace < 0 {
+            return Err(InputError::invalid(
+                "grace must not be negative",
+                "Give a grace such as '5s', or '0'.",
+            ));
+        }
+        Ok(Rule {
+            origin: Origin::Row(row.id),
+            database: pattern("database", &row.database)?,
+            role: pattern("role", &row.role)?,
+            application: pattern("application", &row.application)?,
+            client: row.client_addr.as_deref().map(Cidr::parse).transpose()?,
+            measure: Measure::parse(&row.state)?,
+            timeout: row.timeout,
+            action: Action::parse(&row.action)?,
+            grace: row.grace,
+            priority: i64::from(row.priority),
+        })
+    }
+
+    /// The rule a setting stands for: every session, terminate, below every row.
+    fn setting(name: &'static str, measure: Measure, timeout: Micros) -> Rule {
+        let any = LikePattern::parse("%").expect("% is a valid pattern");
+        Rule {
+            origin: Origin::Setting(name),
+            database: any.clone(),
+            role: any.clone(),
+            application: any,
+            client: None,
+            measure,
+            timeout,
+            action: Action::Terminate,
+            grace: 0,
+            priority: i64::MIN,
+        }
+    }
+
+    /// The patterns match `s` (connected to database `datname`); a network needs a TCP client.
+    fn matches(&self, s: &Session, datname: &str) -> bool {
+        self.database.matches(datname)
+            && self.role.matches(s.role.as_deref().unwrap_or(""))
+            && self.application.matches(&s.application)
+            && self.client.as_ref().is_none_or(|net| s.client.is_some_and(|addr| net.contains(addr)))
+    }
+}
+
+/// The limits set in postgresql.conf (`session_kill.idle_timeout` and friends); 0 turns one off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub idle: Micros,
+    pub idle_in_transaction: Micros,
+    pub transaction: Micros,
+}
+
+/// Which rule governs a session, and when the session runs into it.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict<'a> {
+    pub rule: &'a Rule,
+    pub deadline: Micros,
+}
+
+/// Every enabled rule, highest priority first.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    pub fn new(mut rows: Vec<Rule>, settings: Limits) -> RuleSet {
+        rows.extend(
+            [
+                ("session_kill.idle_timeout", Measure::Idle, settings.idle),
+                (
+                    "session_kill.idle_in_transaction_timeout",
+                    Measure::IdleInTransaction,
+                    settings.idle_in_transaction,
+                ),
+                ("session_kill.transaction_timeout", Measure::Transaction, settings.transaction),
+            ]
+            .into_iter()
+            .filter(|(_, _, timeout)| *timeout > 0)
+            .map(|(name, measure, timeout)| Rule::setting(name, measure, timeout)),
+        );
+        rows.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        RuleSet { rules: rows }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rule that governs `s` now (see the module comment), with its deadline.
+    pub fn verdict(&self, s: &Session, datname: &str) -> Option<Verdict<'_>> {
+        let mut candidates = self.rules.iter().filter_map(|rule| {
+            let since = rule.measure.since(s)?;
+            rule.matches(s, datname).then_some(Verdict { rule, deadline: since + rule.timeout })
+        });
+        let first = candidates.next()?;
+        Some(candidates.take_while(|v| v.rule.priority == first.rule.priority).fold(first, |best, v| {
+            if v.deadline < best.deadline {
+                v
+            } else {
+                best
+            }
+        }))
+    }
+
+    /// When to scan next: at the earliest known deadline, and no later than the shortest timeout
+    /// from now (a session that enters a state after this scan cannot expire sooner). `None`
+    /// when there is no rule: sleep until something changes.
+    pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
+        let shortest = self.rules.iter().map(|r| r.timeout).min();
+        [earliest_deadline, shortest.map(|t| now + t)].into_iter().flatten().min()
+    }
+}
+
+/// How many rules shared memory holds; the loader keeps the highest-priority ones.
+pub const MAX_RULES: usize = 256;
+
+type Pattern = FixedText<{ MAX_PATTERN_LEN + 1 }>;
+
+/// A row in shared memory: every pattern fits, as `Rule::from_row` caps their length.
+#[derive(Debug, Clone, Copy, Default)]
+struct StoredRow {
+    id: i64,
+    database: Pattern,
+    role: Pattern,
+    application: Pattern,
+    client_addr: Option<FixedText<48>>,
+    state: FixedText<32>,
+    timeout: Micros,
+    action: FixedText<32>,
+    grace: Micros,
+    priority: i32,
+}
+
+/// The enabled rows of `session_kill.rules`, as the loader last read them.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishedRules {
+    count: usize,
+    rows: [StoredRow; MAX_RULES],
+}
+
+impl Default for PublishedRules {
+    fn default() -> Self {
+        PublishedRules { count: 0, rows: [StoredRow::default(); MAX_RULES] }
+    }
+}
+
+impl PublishedRules {
+    /// Replaces the rules; returns how many were kept (at most `MAX_RULES`).
+    pub fn publish(&mut self, rows: &[RuleRow]) -> usize {
+        self.count = rows.len().min(MAX_RULES);
+        for (slot, row) in self.rows.iter_mut().zip(rows) {
+            *slot = StoredRow {
+                id: row.id,
+                database: Pattern::new(&row.database),
+                role: Pattern::new(&row.role),
+                application: Pattern::new(&row.application),
+                client_addr: row.client_addr.as_deref().map(FixedText::new),
+                state: FixedText::new(&row.state),
+                timeout: row.timeout,
+                action: FixedText::new(&row.action),
+                grace: row.grace,
+                priority: row.priority,
+            };
+        }
+        self.count
+    }
+
+    pub fn rows(&self) -> Vec<RuleRow> {
+        self.rows[..self.count]
+            .iter()
+            .map(|r| RuleRow {
+                id: r.id,
+                database: r.database.as_str().to_owned(),
+                role: r.role.as_str().to_owned(),
+                application: r.application.as_str().to_owned(),
+                client_addr: r.client_addr.map(|c| c.as_str().to_owned()),
+                state: r.state.as_str().to_owned(),
+                timeout: r.timeout,
+                action: r.action.as_str().to_owned(),
+                grace: r.grace,
+                priority: r.priority,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::test_support::{client, NOW, SEC};
+
+    fn row(id: i64, state: &str, timeout_secs: i64) -> RuleRow {
+        RuleRow {
+            id,
+            database: "%".into(),
+            role: "%".into(),
+            application: "%".into(),
+            client_addr: None,
+            state: state.into(),
+            timeout: timeout_secs * SEC,
+            action: "terminate".into(),
+            grace: 5 * SEC,
+            priority: 0,
+        }
+    }
+
+    fn rules(rows: Vec<RuleRow>, settings: Limits) -> RuleSet {
+        RuleSet::new(rows.iter().map(|r| Rule::from_row(r).unwrap()).collect(), settings)
+    }
+
+    fn governing(set: &RuleSet, s: &Session) -> Option<(String, Micros)> {
+        set.verdict(s, "shop").map(|v| (v.rule.origin.label(), v.deadline))
+    }
+
+    #[test]
+    fn settings_alone_follow_the_state_and_the_earliest_limit_wins() {
+        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 };
+        let set = RuleSet::new(vec![], limits);
+        let idle = client(1, State::Idle, 5);
+        assert_eq!(governing(&set, &idle), Some(("session_kill.idle_timeout".into(), NOW + 55 * SEC)));
+        let in_tx = client(2, State::IdleInTransaction, 5);
+        let iit = "session_kill.idle_in_transaction_timeout".to_owned();
+        assert_eq!(governing(&set, &in_tx), Some((iit.clone(), NOW + 5 * SEC)));
+        let aborted = client(3, State::IdleInTransactionAborted, 20);
+        assert_eq!(governing(&set, &aborted), Some((iit, NOW - 10 * SEC)));
+        assert_eq!(governing(&set, &client(4, State::Active, 0)), None, "running sessions are not idle");
+        let with_tx = RuleSet::new(vec![], Limits { transaction: 30 * SEC, ..limits });
+        let tx = "session_kill.transaction_timeout".to_owned();
+        let old_tx = Session { xact_start: NOW - 29 * SEC, ..client(5, State::IdleInTransaction, 1) };
+        assert_eq!(governing(&with_tx, &old_tx), Some((tx.clone(), NOW + SEC)));
+        let active_tx = Session { xact_start: NOW - 40 * SEC, ..client(6, State::Active, 0) };
+        assert_eq!(governing(&with_tx, &active_tx), Some((tx, NOW - 10 * SEC)));
+        assert!(RuleSet::new(vec![], Limits::default()).is_empty(), "all off");
+    }
+
+    #[test]
+    fn rows_outrank_settings_and_the_highest_priority_wins() {
+        let limits = Limits { idle: 60 * SEC, ..Limits::default() };
+        let mut exempt_reports =
+            RuleRow { application: "report%".into(), priority: 10, ..row(7, "idle", 3600) };
+        let mut strict = row(8, "idle", 30);
+        let set = rules(vec![exempt_reports.clone(), strict.clone()], limits);
+        let psql = client(1, State::Idle, 5);
+        assert_eq!(
+            governing(&set, &psql),
+            Some(("rule 8".into(), NOW + 25 * SEC)),
+            "a row beats the setting"
+        );
+        let report = Session { application: "reporting".into(), ..client(2, State::Idle, 5) };
+        assert_eq!(
+            governing(&set, &report),
+            Some(("rule 7".into(), NOW + 3595 * SEC)),
+            "exception by priority"
+        );
+        exempt_reports.priority = 0;
+        strict.priority = 0;
+        let tied = rules(vec![exempt_reports, strict], limits);
+        assert_eq!(
+            governing(&tied, &report),
+            Some(("rule 8".into(), NOW + 25 * SEC)),
+            "a tie goes to the earliest deadline"
+        );
+    }
+
+    #[test]
+    fn rules_match_on_database_role_application_network_and_state() {
+        let set = rules(
+            vec![RuleRow {
+                database: "sh_p".into(),
+                role: "app".into(),
+                application: "ps%".into(),
+                client_addr: Some("10.0.0.0/8".into()),
+                ..row(1, "idle in transaction", 10)
+            }],
+            Limits::default(),
+        );
+        let s = client(1, State::IdleInTransaction, 5);
+        assert!(governing(&set, &s).is_some());
+        assert!(set.verdict(&s, "other").is_none(), "database");
+        assert!(governing(&set, &Session { role: Some("dba".into()), ..s.clone() }).is_none(), "role");
+        assert!(
+            governing(&set, &Session { application: "pgbench".into(), ..s.clone() }).is_none(),
+            "application"
+        );
+        let elsewhere = Session { client: Some("192.168.1.1".parse().unwrap()), ..s.clone() };
+        assert!(governing(&set, &elsewhere).is_none(), "network");
+        assert!(
+            governing(&set, &Session { client: None, ..s.clone() }).is_none(),
+            "a Unix socket is in no network"
+        );
+        assert!(governing(&set, &client(1, State::Idle, 5)).is_none(), "state");
+    }
+
+    #[test]
+    fn active_rules_measure_the_running_statement() {
+        let set = rules(
+            vec![RuleRow { action: "cancel_then_terminate".into(), ..row(4, "active", 60) }],
+            Limits::default(),
+        );
+        let running = Session { query_start: NOW - 70 * SEC, ..client(1, State::Active, 0) };
+        let v = set.verdict(&running, "shop").unwrap();
+        assert_eq!((v.deadline, v.rule.action), (NOW - 10 * SEC, Action::CancelThenTerminate));
+        assert!(governing(&set, &client(2, State::Idle, 500)).is_none());
+    }
+
+    #[test]
+    fn bad_rows_are_refused_with_a_reason() {
+        let refused = |r: RuleRow| Rule::from_row(&r).unwrap_err().message;
+        assert_eq!(refused(row(1, "sleeping", 10)), "invalid rule state \"sleeping\"");
+        assert_eq!(
+            refused(RuleRow { action: "kill".into(), ..row(1, "idle", 10) }),
+            "invalid rule action \"kill\""
+        );
+        assert_eq!(refused(row(1, "idle", 0)), "timeout must be positive");
+        assert_eq!(refused(RuleRow { grace: -1, ..row(1, "idle", 10) }), "grace must not be negative");
+        assert_eq!(
+            refused(RuleRow { role: "x".repeat(64), ..row(1, "idle", 10) }),
+            "role pattern is too long"
+        );
+        assert_eq!(
+            refused(RuleRow { application: "a\\".into(), ..row(1, "idle", 10) }),
+            "invalid pattern \"a\\\""
+        );
+        assert_eq!(
+            refused(RuleRow { client_addr: Some("10.0.0.0/33".into()), ..row(1, "idle", 10) }),
+            "invalid network \"10.0.0.0/33\""
+        );
+        assert!(Rule::from_row(&RuleRow { state: "Idle In Transaction".into(), ..row(1, "", 10) }).is_ok());
+    }
+
+    #[test]
+    fn next_scan_is_the_earliest_deadline_or_the_shortest_timeout() {
+        let set = rules(
+            vec![row(1, "active", 7)],
+            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 },
+        );
+        assert_eq!(set.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
+        assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));
+        assert_eq!(set.next_scan(NOW, None), Some(NOW + 7 * SEC));
+        assert_eq!(RuleSet::new(vec![], Limits::default()).next_scan(NOW, None), None);
+    }
+
+    #[test]
+    fn published_rows_come_back_as_they_went_in() {
+        let rows = vec![
+            RuleRow { client_addr: Some("10.0.0.0/8".into()), role: "r".repeat(63), ..row(1, "idle", 10) },
+            row(2, "active", 60),
+        ];
+        let mut published = Box::<PublishedRules>::default();
+        assert_eq!(published.publish(&rows), 2);
+        assert_eq!(published.rows(), rows);
+        let many: Vec<RuleRow> = (0..300).map(|i| row(i, "idle", 10)).collect();
+        assert_eq!(published.publish(&many), MAX_RULES);
+        assert_eq!(published.publish(&[]), 0);
+        assert!(published.rows().is_empty());
+    }
+}

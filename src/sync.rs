@@ -1,0 +1,368 @@
+//! The `session_kill sync` worker: a short-lived background worker that the main worker starts in
+//! `session_kill.database` to read `session_kill.rules` into shared memory and to write the
+//! queued audit entries into `session_kill.log` (pruning rows past `session_kill.log_retention`).
+//!
+//! The main worker itself stays connected to no database, so a rules database that is renamed,
+//! dropped or missing its tables never stops enforcement; it only empties the rules. A sync runs
+//! when a committed transaction changed the rules table, on SIGHUP, when audit entries wait, and
+//! at least every minute (which also notices a dropped table). Failures back off up to a minute.
+
+use crate::audit::Entry;
+use crate::fixed::FixedText;
+use crate::policy::Micros;
+use crate::rules::{Rule, RuleRow};
+use crate::worker::in_transaction;
+use crate::{backends, gucs, kill, shmem, signal};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const NAME: &str = "session_kill sync";
+const SECOND: Micros = 1_000_000;
+/// Rules are read at least this often, even if nothing announced a change.
+const REFRESH: Micros = 60 * SECOND;
+/// A sync that has not reported back after this long is presumed lost.
+const PRESUMED_LOST: Micros = 60 * SECOND;
+const MAX_BACKOFF: Micros = 60 * SECOND;
+
+/// Shared state between the main worker, the sync worker and backends that change the rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncState {
+    /// The rules should be read again (a committed change, a reload, the worker's start).
+    rules_wanted: bool,
+    /// When the running sync was started; 0 when none runs.
+    running_since: Micros,
+    failures: u32,
+    retry_at: Micros,
+    /// When the last sync finished successfully.
+    last_run: Micros,
+    /// What the last sync found, for the `session_kill.worker` view.
+    pub rules_status: FixedText<256>,
+    pub rules_loaded_at: Micros,
+}
+
+/// A transaction that changed `session_kill.rules` committed, or the settings were reloaded.
+pub fn request_rules() {
+    if shmem::preloaded() {
+        shmem::SYNC.exclusive().rules_wanted = true;
+        signal::wake_worker();
+    }
+}
+
+/// From the main worker, inside its scan's transaction: starts a sync when one is due. Returns
+/// when to look again, or `None` when the sync worker's exit will wake the main worker.
+pub fn launch_if_due(now: Micros) -> Option<Micros> {
+    let state = *shmem::SYNC.share();
+    let Some(database) = gucs::database() else {
+        if state.rules_wanted {
+            no_rules("session_kill.database is empty: no rules table and no audit table");
+        }
+        shmem::take_audit();
+        return None;
+    };
+    if state.running_since != 0 {
+        if now - state.running_since < PRESUMED_LOST {
+            return None;
+        }
+        warning!(
+            "session_kill: the sync worker started at {} did not report back; starting another",
+            state.running_since
+        );
+    }
+    if now < state.retry_at {
+        return Some(state.retry_at);
+    }
+    let audit_waiting = !in_recovery() && shmem::audit_pending() > 0;
+    if !(state.rules_wanted || audit_waiting || now - state.last_run >= REFRESH) {
+        return Some(state.last_run + REFRESH);
+    }
+    let Some(oid) = database_oid(&database) else {
+        no_rules(&format!("database \"{database}\" does not exist (session_kill.database)"));
+        let (dropped, _) = shmem::take_audit();
+        if !dropped.is_empty() {
+            log!("session_kill: {} audit entries not written to session_kill.log: database \"{database}\" does not exist; the server log has them", dropped.len());
+        }
+        shmem::SYNC.exclusive().last_run = now;
+        return Some(now + REFRESH);
+    };
+    // Marked running before it is started: a quick sync may finish (and clear the mark) before
+    // load_dynamic even returns here.
+    {
+        let mut sync = shmem::SYNC.exclusive();
+        sync.running_since = now;
+        sync.rules_wanted = false;
+    }
+    // SAFETY: MyProcPid is set for the life of the process.
+    let me = unsafe { pg_sys::MyProcPid };
+    let launched = BackgroundWorkerBuilder::new(NAME)
+        .set_type(NAME)
+        .set_library("session_kill")
+        .set_function("session_kill_sync_main")
+        .set_argument(oid.into_datum())
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(None)
+        .set_notify_pid(me)
+        .load_dynamic();
+    match launched {
+        Ok(_) => None,
+        Err(_) => {
+            warning!("session_kill: could not start the sync worker; raise max_worker_processes");
+            Some(failed(now))
+        }
+    }
+}
+
+/// Records a failed sync; returns when to retry (1 s, doubling up to a minute).
+fn failed(now: Micros) -> Micros {
+    let mut sync = shmem::SYNC.exclusive();
+    sync.failures += 1;
+    sync.rules_wanted = true;
+    sync.running_since = 0;
+    let backoff = (SECOND << sync.failures.min(6).saturating_sub(1)).min(MAX_BACKOFF);
+    sync.retry_at = now + backoff;
+    sync.rules_status = FixedText::new(&format!(
+        "the sync worker failed {} times in a row (see the server log); next attempt in {} s",
+        sync.failures,
+        backoff / SECOND
+    ));
+    sync.retry_at
+}
+
+fn no_rules(why: &str) {
+    let previous = shmem::published_rules();
+    shmem::publish_rules(&[]);
+    let changed = set_status(why);
+    if changed || !previous.is_empty() {
+        log!("session_kill: no rules in force: {why}");
+    }
+    shmem::SYNC.exclusive().rules_wanted = false;
+}
+
+/// Records what the last load found; true when that differs from before.
+fn set_status(status: &str) -> bool {
+    let mut sync = shmem::SYNC.exclusive();
+    let changed = sync.rules_status.as_str() != status;
+    sync.rules_status = FixedText::new(status);
+    sync.rules_loaded_at = backends::now();
+    changed
+}
+
+/// Looks the database up by name with a plain scan of pg_database: the worker is connected to
+/// no database, and then only the shared catalogs' heaps (not their indexes) can be read.
+fn database_oid(name: &str) -> Option<pg_sys::Oid> {
+    // SAFETY: scans the shared catalog pg_database inside the caller's transaction, without an
+    // index; each tuple's fixed part is a FormData_pg_database.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::systable_beginscan(
+            rel,
+            pg_sys::InvalidOid,
+            false,
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        );
+        let mut found = None;
+        loop {
+            let tuple = pg_sys::systable_getnext(scan);
+            if tuple.is_null() {
+                break;
+            }
+            let row = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            if std::ffi::CStr::from_ptr((*row).datname.data.as_ptr()).to_bytes() == name.as_bytes() {
+                found = Some((*row).oid);
+                break;
+            }
+        }
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        found
+    }
+}
+
+fn in_recovery() -> bool {
+    // SAFETY: reads shared recovery state.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// Set once the sync worker has done its work; read by its exit callback.
+static SUCCEEDED: AtomicBool = AtomicBool::new(false);
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn session_kill_sync_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    // SAFETY: registers a callback that runs at any exit, FATAL included, while shared memory is
+    // still attached.
+    unsafe { pg_sys::before_shmem_exit(Some(sync_exited), pg_sys::Datum::from(0)) };
+    // SAFETY: the main worker passed an OID as the argument.
+    let oid = unsafe { pg_sys::Oid::from_datum(arg, false) }.unwrap_or(pg_sys::InvalidOid);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
+    // SAFETY: reports our application_name so the sync is recognisable in pg_stat_activity.
+    unsafe { pg_sys::pgstat_report_appname(c"session_kill sync".as_ptr()) };
+    load_rules();
+    if !in_recovery() {
+        write_audit();
+    }
+    SUCCEEDED.store(true, Ordering::Relaxed);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
+    let now = backends::now();
+    if SUCCEEDED.load(Ordering::Relaxed) {
+        let mut sync = shmem::SYNC.exclusive();
+        sync.running_since = 0;
+        sync.failures = 0;
+        sync.last_run = now;
+    } else {
+        failed(now);
+    }
+}
+
+const RULES_QUERY: &str = "
+    SELECT id, database, role, application, client_addr::text, state,
+           (extract(epoch FROM timeout) * 1000000)::int8, action,
+           (extract(epoch FROM grace) * 1000000)::int8, priority
+    FROM session_kill.rules
+    WHERE enabled
+    ORDER BY priority DESC, id";
+
+/// Reads the enabled rules and publishes the valid ones. A missing table means no rules; an
+/// unreadable one (altered columns, say) keeps the rules in force and says why.
+fn load_rules() {
+    let database = gucs::database().unwrap_or_default();
+    let read = in_transaction(|| {
+        if !table_exists("session_kill.rules") {
+            return None;
+        }
+        Some(Spi::connect(|client| {
+            client.select(RULES_QUERY, None, &[]).map(|rows| {
+                rows.map(|row| {
+                    Ok::<_, pgrx::spi::Error>(RuleRow {
+                        id: row.get(1)?.unwrap_or_default(),
+                        database: row.get(2)?.unwrap_or_default(),
+                        role: row.get(3)?.unwrap_or_default(),
+                        application: row.get(4)?.unwrap_or_default(),
+                        client_addr: row.get(5)?,
+                        state: row.get(6)?.unwrap_or_default(),
+                        timeout: row.get(7)?.unwrap_or_default(),
+                        action: row.get(8)?.unwrap_or_default(),
+                        grace: row.get(9)?.unwrap_or_default(),
+                        priority: row.get(10)?.unwrap_or_default(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+            })
+        }))
+    });
+    match read {
+        Ok(None) => no_rules(&format!("no table session_kill.rules in database \"{database}\"")),
+        Ok(Some(Ok(Ok(rows)))) => publish(rows, &database),
+        Ok(Some(Err(e) | Ok(Err(e)))) => keep_rules(&database, &e.to_string()),
+        Err(message) => keep_rules(&database, &message),
+    }
+}
+
+fn keep_rules(database: &str, why: &str) {
+    let status = format!("could not read session_kill.rules in database \"{database}\": {why}; the previous rules stay in force");
+    if set_status(&status) {
+        warning!("session_kill: {status}");
+    }
+}
+
+fn publish(rows: Vec<RuleRow>, database: &str) {
+    let mut valid = Vec::with_capacity(rows.len());
+    for row in rows {
+        match Rule::from_row(&row) {
+            Ok(_) => valid.push(row),
+            Err(e) => warning!("session_kill: rule {} ignored: {}", row.id, e.message),
+        }
+    }
+    let previous = shmem::published_rules();
+    let kept = shmem::publish_rules(&valid);
+    if kept < valid.len() {
+        warning!(
+            "session_kill: only the {kept} highest-priority rules are in force, {} are enabled",
+            valid.len()
+        );
+    }
+    let status = format!("{kept} rules from session_kill.rules in database \"{database}\"");
+    set_status(&status);
+    if previous != valid[..kept] {
+        log!("session_kill: {status}");
+    }
+}
+
+fn table_exists(name: &str) -> bool {
+    Spi::get_one_with_args::<bool>("SELECT to_regclass($1) IS NOT NULL", &[name.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+const INSERT_LOG: &str = "
+    INSERT INTO session_kill.log (acted_at, source, rule, reason, actor, pid, database, role,
+                                  application, client_addr, state, idle_for, query, action, outcome)
+    SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::int[], $7::name[], $8::name[], $9::text[], $10::text[]::inet[],
+                         $11::text[], $12::interval[], $13::text[], $14::text[], $15::text[])";
+
+/// Writes the queued entries into `session_kill.log` and deletes rows past the retention.
+fn write_audit() {
+    let (entries, lost) = shmem::take_audit();
+    let retention = gucs::LOG_RETENTION.get();
+    let written = in_transaction(|| {
+        if !table_exists("session_kill.log") {
+            return Ok(0);
+        }
+        if retention > 0 && !entries.is_empty() {
+            Spi::run_with_args(INSERT_LOG, &columns(&entries))?;
+        }
+        let cutoff = kill::timestamp(backends::now() - i64::from(retention) * SECOND);
+        Spi::run_with_args("DELETE FROM session_kill.log WHERE acted_at < $1", &[cutoff.into()])?;
+        Ok::<_, pgrx::spi::Error>(entries.len())
+    });
+    match written {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warning!("session_kill: could not write {} entries to session_kill.log: {e}", entries.len())
+        }
+        Err(message) => {
+            warning!("session_kill: could not write {} entries to session_kill.log: {message}", entries.len())
+        }
+    }
+    if lost > 0 {
+        warning!("session_kill: {lost} audit entries were dropped because the queue was full; the server log has them");
+    }
+}
+
+/// The entries as one array per column of `session_kill.log`.
+fn columns(entries: &[Entry]) -> Vec<pgrx::datum::DatumWithOid<'static>> {
+    let text = |f: &dyn Fn(&Entry) -> &str| -> Vec<Option<String>> {
+        entries.iter().map(|e| Some(f(e)).filter(|s| !s.is_empty()).map(str::to_owned)).collect()
+    };
+    let at: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|e| kill::timestamp(e.at)).collect();
+    let idle_for: Vec<Option<Interval>> = entries.iter().map(|e| e.idle_for.map(kill::interval)).collect();
+    let pids: Vec<i32> = entries.iter().map(|e| e.pid).collect();
+    vec![
+        at.into(),
+        text(&|e| e.source.label()).into(),
+        text(&|e| e.rule.as_str()).into(),
+        text(&|e| e.reason.as_str()).into(),
+        text(&|e| e.actor.as_str()).into(),
+        pids.into(),
+        text(&|e| e.database.as_str()).into(),
+        text(&|e| e.role.as_str()).into(),
+        text(&|e| e.application.as_str()).into(),
+        text(&|e| e.client.as_str()).into(),
+        text(&|e| e.state.as_str()).into(),
+        idle_for.into(),
+        text(&|e| e.query.as_str()).into(),
+        text(&|e| e.action.as_str()).into(),
+        text(&|e| e.outcome.as_str()).into(),
+    ]
+}
