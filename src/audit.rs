@@ -91,6 +91,11 @@ impl AuditQueue {
         self.len
     }
 
+    /// When the oldest waiting entry was queued.
+    pub fn oldest(&self) -> Option<Micros> {
+        (self.len > 0).then(|| self.entries[self.start].at)
+    }
+
     /// Every queued entry, oldest first, and how many were lost; empties the queue.
     pub fn take(&mut self) -> (Vec<Entry>, u64) {
         let entries = (0..self.len).map(|i| self.entries[(self.start + i) % CAPACITY]).collect();
@@ -218,14 +223,16 @@ mod tests {
     use super::*;
 
     fn entry(pid: i32) -> Entry {
-        Entry { pid, ..Entry::default() }
+        Entry { pid, at: i64::from(pid), ..Entry::default() }
     }
 
     #[test]
     fn the_queue_keeps_order_and_counts_what_it_drops() {
         let mut q = Box::<AuditQueue>::default();
+        assert_eq!(q.oldest(), None);
         q.push(entry(1));
         q.push(entry(2));
+        assert_eq!(q.oldest(), Some(1));
         let (taken, lost) = q.take();
         assert_eq!((taken.iter().map(|e| e.pid).collect::<Vec<_>>(), lost), (vec![1, 2], 0));
         assert_eq!(q.pending(), 0);
@@ -235,6 +242,7 @@ mod tests {
         let (taken, lost) = q.take();
         assert_eq!((taken.len(), lost), (CAPACITY, 3), "the three oldest went");
         assert_eq!(taken[0].pid, 3);
+        assert_eq!(q.oldest(), None);
         assert_eq!(q.take().1, 0, "lost is reset");
     }
 }

@@ -90,8 +90,10 @@ pub fn queue_audit(entry: Entry) -> bool {
     queue.pending() == 1
 }
 
-pub fn audit_pending() -> usize {
-    AUDIT.share().pending()
+/// How many audit entries wait, and since when.
+pub fn audit_waiting() -> (usize, Option<Micros>) {
+    let queue = AUDIT.share();
+    (queue.pending(), queue.oldest())
 }
 
 /// Every queued entry and how many were lost; empties the queue.

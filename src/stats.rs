@@ -46,7 +46,7 @@ fn worker_status() -> TableIterator<
         shmem::published_rules().len() as i32,
         kill::timestamp(sync.rules_loaded_at),
         Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
-        shmem::audit_pending() as i32,
+        shmem::audit_waiting().0 as i32,
     ))
 }
 

@@ -4,10 +4,11 @@
 //!
 //! The main worker itself stays connected to no database, so a rules database that is renamed,
 //! dropped or missing its tables never stops enforcement; it only empties the rules. A sync runs
-//! when a committed transaction changed the rules table, on SIGHUP, when audit entries wait, and
-//! at least every minute (which also notices a dropped table). Failures back off up to a minute.
+//! when a committed transaction changed the rules table, on SIGHUP, when audit entries have
+//! waited up to a second, and at least every minute (which also notices a dropped table).
+//! Failures back off up to a minute.
 
-use crate::audit::Entry;
+use crate::audit::{self, Entry};
 use crate::fixed::FixedText;
 use crate::policy::Micros;
 use crate::rules::{Rule, RuleRow};
@@ -23,6 +24,9 @@ const NAME: &str = "session_kill sync";
 const SECOND: Micros = 1_000_000;
 /// Rules are read at least this often, even if nothing announced a change.
 const REFRESH: Micros = 60 * SECOND;
+/// Audit entries are written at most this often (unless the queue fills up): batching keeps the
+/// sync's fork, login and insert off the CPU while the worker is ending a burst of sessions.
+const AUDIT_INTERVAL: Micros = SECOND;
 /// A sync that has not reported back after this long is presumed lost.
 const PRESUMED_LOST: Micros = 60 * SECOND;
 const MAX_BACKOFF: Micros = 60 * SECOND;
@@ -67,16 +71,18 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
             return None;
         }
         warning!(
-            "session_kill: the sync worker started at {} did not report back; starting another",
-            state.running_since
+            "session_kill: the sync worker did not report back within {} s; starting another",
+            PRESUMED_LOST / SECOND
         );
     }
     if now < state.retry_at {
         return Some(state.retry_at);
     }
-    let audit_waiting = !in_recovery() && shmem::audit_pending() > 0;
-    if !(state.rules_wanted || audit_waiting || now - state.last_run >= REFRESH) {
-        return Some(state.last_run + REFRESH);
+    let (queued, oldest) = if in_recovery() { (0, None) } else { shmem::audit_waiting() };
+    let audit_at = oldest.map(|at| at + AUDIT_INTERVAL);
+    let audit_due = queued >= audit::CAPACITY / 2 || audit_at.is_some_and(|at| at <= now);
+    if !(state.rules_wanted || audit_due || now - state.last_run >= REFRESH) {
+        return [Some(state.last_run + REFRESH), audit_at].into_iter().flatten().min();
     }
     let Some(oid) = database_oid(&database) else {
         no_rules(&format!("database \"{database}\" does not exist (session_kill.database)"));

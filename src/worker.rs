@@ -1,9 +1,11 @@
-//! The background worker: enforces `session_kill.idle_timeout`,
-//! `session_kill.idle_in_transaction_timeout` and `session_kill.transaction_timeout` on every
-//! client session. Instead of polling it sleeps on its latch until the earliest deadline (or
-//! until the shortest limit has passed, since nothing that becomes idle later can expire sooner).
-//! With `session_kill.max_connection_usage` set it also ends the longest-idle sessions when
-//! client sessions crowd `max_connections`; it needs no client slot to do so.
+//! The background worker: enforces the rules of `session_kill.rules` and the limits
+//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout` and
+//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session.
+//! Instead of polling it sleeps on its latch until the earliest deadline (or until the shortest
+//! timeout has passed, since nothing that enters a state later can expire sooner). With
+//! `session_kill.max_connection_usage` set it also ends the longest-idle sessions when client
+//! sessions crowd `max_connections`; it needs no client slot to do so. It starts the
+//! `session_kill sync` worker (`sync.rs`) that loads the rules and writes the audit table.
 
 use crate::audit::{self, Act};
 use crate::backends::{self, Backend};
@@ -125,7 +127,7 @@ struct Worker {
     handled: HashSet<BackendKey>,
     /// Backends whose statement a `cancel_then_terminate` rule cancelled, and when their grace ends.
     cancelled: HashMap<BackendKey, Micros>,
-    /// Database names by OID, for rules' database patterns.
+    /// Database names by OID for rules' database patterns, looked up once per scan.
     databases: HashMap<u32, String>,
 }
 
@@ -142,6 +144,7 @@ impl Worker {
     /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan(&mut self) -> Option<Micros> {
         let now = backends::now();
+        self.databases.clear();
         let sync_at = sync::launch_if_due(now);
         let rules = self.rules();
         let usage = gucs::MAX_CONNECTION_USAGE.get();

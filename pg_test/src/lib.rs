@@ -178,6 +178,20 @@ impl Server {
             .get(0)
     }
 
+    /// The backend is still in pg_stat_activity.
+    pub fn alive(&self, pid: i32) -> bool {
+        self.admin()
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }
+
+    /// Waits (up to 20 s) until the backend has left pg_stat_activity.
+    pub fn wait_until_gone(&self, pid: i32) {
+        wait_for(Duration::from_secs(20), || !self.alive(pid));
+    }
+
     /// The number of client sessions connected to `db`, read from pg_stat_activity.
     pub fn sessions_in(&self, db: &str) -> i64 {
         self.admin()

@@ -6,18 +6,6 @@ use postgres::error::SqlState;
 use session_kill_pg_test::*;
 use std::time::Duration;
 
-fn alive(s: &Server, pid: i32) -> bool {
-    s.admin()
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
-        .unwrap()
-        .get::<_, i64>(0)
-        == 1
-}
-
-fn wait_until_gone(s: &Server, pid: i32) {
-    wait_for(Duration::from_secs(20), || !alive(s, pid));
-}
-
 fn with_application(s: &Server, db: &str, role: &str, application: &str) -> postgres::Client {
     let mut cfg = s.config(db, role);
     cfg.application_name(application);
@@ -51,7 +39,7 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     assert_eq!(app.probe(), ClientView::Alive, "no rule yet");
 
     let id = add_rule(&s, "role, state, timeout, comment", "'app', 'idle', '500ms', 'app pools'");
-    wait_until_gone(&s, app.pid);
+    s.wait_until_gone(app.pid);
     assert_ended_by_admin_on(&s, app.pid, app.probe());
     assert!(s.server_log().contains(&format!(
         "session_kill: terminated pid {} (user app, application \"pg_test\", state idle): rule {id} (idle longer than 00:00:00.5) exceeded by",
@@ -68,7 +56,7 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     assert_eq!(spared.probe(), ClientView::Alive, "a disabled rule is not enforced");
 
     s.admin().batch_execute("UPDATE session_kill.rules SET enabled = true, role = 'other%'").unwrap();
-    wait_until_gone(&s, other.pid);
+    s.wait_until_gone(other.pid);
     assert_ended_by_admin_on(&s, other.pid, other.probe());
     assert_eq!(spared.probe(), ClientView::Alive, "the edited rule no longer matches app");
 
@@ -76,7 +64,7 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     let mut admin = s.admin();
     admin.batch_execute("BEGIN; DELETE FROM session_kill.rules; ROLLBACK").unwrap();
     let mut other_again = Session::idle(s.connect("postgres", OTHER));
-    wait_until_gone(&s, other_again.pid);
+    s.wait_until_gone(other_again.pid);
     assert_ended_by_admin_on(&s, other_again.pid, other_again.probe());
     s.stop();
 }
@@ -91,8 +79,8 @@ fn the_highest_priority_rule_governs_and_settings_rank_last() {
     let mut other = Session::idle(s.connect("postgres", OTHER));
     let mut app = Session::idle(s.connect("postgres", APP));
 
-    wait_until_gone(&s, other.pid);
-    wait_until_gone(&s, app.pid);
+    s.wait_until_gone(other.pid);
+    s.wait_until_gone(app.pid);
     assert_ended_by_admin_on(&s, other.pid, other.probe());
     assert_ended_by_admin_on(&s, app.pid, app.probe());
     std::thread::sleep(Duration::from_millis(700));
@@ -234,7 +222,7 @@ fn the_worker_survives_its_rules_table_going_bad_and_its_database_going_away() {
     let in_rulesdb = |sql: &str| s.connect("rulesdb", "postgres").batch_execute(sql).unwrap();
     let ended_by_rule = |application: &str| {
         let mut victim = Session::idle(with_application(&s, "postgres", APP, application));
-        wait_until_gone(&s, victim.pid);
+        s.wait_until_gone(victim.pid);
         assert_ended_by_admin_on(&s, victim.pid, victim.probe());
     };
 
@@ -307,7 +295,7 @@ fn a_failing_sync_backs_off_and_recovers() {
     assert!(rules_in_force(&s).1.starts_with("the sync worker failed"), "{:?}", rules_in_force(&s));
 
     let mut idle = Session::idle(s.connect("postgres", APP));
-    wait_until_gone(&s, idle.pid);
+    s.wait_until_gone(idle.pid);
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
 
     s.admin().batch_execute("ALTER DATABASE closed ALLOW_CONNECTIONS true").unwrap();

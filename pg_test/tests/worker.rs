@@ -5,18 +5,6 @@ use postgres::error::SqlState;
 use session_kill_pg_test::*;
 use std::time::Duration;
 
-fn alive(s: &Server, pid: i32) -> bool {
-    s.admin()
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
-        .unwrap()
-        .get::<_, i64>(0)
-        == 1
-}
-
-fn wait_until_gone(s: &Server, pid: i32) {
-    wait_for(Duration::from_secs(20), || !alive(s, pid));
-}
-
 /// Waits until the worker has started.
 fn wait_for_worker(s: &Server) {
     wait_for(Duration::from_secs(20), || {
@@ -48,8 +36,8 @@ fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
     let mut in_tx = Session::idle_in_transaction(s.connect("postgres", APP));
     let active = ActiveSession::start(&s, s.connect("postgres", APP), 2);
 
-    wait_until_gone(&s, idle.pid);
-    wait_until_gone(&s, opted_out.pid);
+    s.wait_until_gone(idle.pid);
+    s.wait_until_gone(opted_out.pid);
 
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
     assert_ended_by_admin_on(&s, opted_out.pid, opted_out.probe());
@@ -97,9 +85,9 @@ fn transaction_limits_end_idle_and_running_transactions() {
     long_tx.batch_execute("BEGIN").unwrap();
     let long = ActiveSession::start(&s, long_tx, 30);
 
-    wait_until_gone(&s, in_tx.pid);
-    wait_until_gone(&s, aborted.pid);
-    wait_until_gone(&s, long.pid);
+    s.wait_until_gone(in_tx.pid);
+    s.wait_until_gone(aborted.pid);
+    s.wait_until_gone(long.pid);
 
     assert_ended_by_admin_on(&s, in_tx.pid, in_tx.probe());
     assert_ended_by_admin_on(&s, aborted.pid, aborted.probe());
@@ -169,7 +157,7 @@ fn limits_are_reloaded_and_clients_cannot_change_them() {
     let mut admin = s.admin();
     admin.batch_execute("ALTER SYSTEM SET session_kill.idle_timeout = '300ms'").unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_until_gone(&s, idle.pid);
+    s.wait_until_gone(idle.pid);
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
     s.stop();
 }
@@ -274,7 +262,7 @@ fn the_worker_survives_a_burst_of_reloads_and_keeps_enforcing() {
     admin.batch_execute("ALTER SYSTEM SET session_kill.idle_timeout = '300ms'").unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     let mut idle = Session::idle(s.connect("postgres", APP));
-    wait_until_gone(&s, idle.pid);
+    s.wait_until_gone(idle.pid);
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
     assert_eq!(worker_pid(), before, "the same worker process throughout");
     s.stop();
@@ -288,7 +276,7 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
     let in_recovery: bool = idle.client.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
     assert!(in_recovery, "a real hot standby");
 
-    wait_until_gone(&standby, idle.pid);
+    standby.wait_until_gone(idle.pid);
 
     assert_ended_by_admin_on(&standby, idle.pid, idle.probe());
     assert!(
@@ -313,7 +301,7 @@ fn sigterm_stops_the_worker_and_the_postmaster_restarts_it() {
         .get(0);
     let signalled: bool = s.admin().query_one("SELECT pg_terminate_backend($1)", &[&worker]).unwrap().get(0);
     assert!(signalled);
-    wait_until_gone(&s, worker);
+    s.wait_until_gone(worker);
     let stopped = s
         .server_log()
         .lines()

@@ -7,7 +7,7 @@ use session_kill_pg_test::{Server, APP};
 use std::time::{Duration, Instant};
 
 const SESSIONS: usize = 500;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 const LISTING_CALLS: usize = 200;
 
 fn main() {
