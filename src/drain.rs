@@ -6,6 +6,7 @@ use crate::backends;
 use crate::counters::Source;
 use crate::errors::{null_argument, raise};
 use crate::gate::{DbName, Gate, GateError, Verdict};
+use crate::gucs;
 use crate::kill::{self, KillRequest, Target};
 use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
 use crate::shmem::{require_preloaded, GATES};
@@ -48,6 +49,10 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
         let lets_superusers_in = GATES.share().find(&datname, now).is_some_and(|g| g.allow_superusers);
         let superuser = lets_superusers_in && role_is_superuser((*port).user_name);
         let verdict = GATES.exclusive().admit(pg_sys::MyProcPid, &datname, superuser, now);
+        if verdict == Verdict::Admit && gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
+            // One more client: the pressure reaper decides whether that is one too many.
+            signal::wake_worker();
+        }
         if let Verdict::Refuse(gate) = verdict {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_CANNOT_CONNECT_NOW,

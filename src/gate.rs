@@ -58,11 +58,13 @@ pub struct GateTable {
     gates: [Option<Gate>; MAX_GATES],
     recent: [Option<Admission>; RECENT_ADMISSIONS],
     next_recent: usize,
+    /// Logins admitted since the server started.
+    admissions: u64,
 }
 
 impl Default for GateTable {
     fn default() -> Self {
-        GateTable { gates: [None; MAX_GATES], recent: [None; RECENT_ADMISSIONS], next_recent: 0 }
+        GateTable { gates: [None; MAX_GATES], recent: [None; RECENT_ADMISSIONS], next_recent: 0, admissions: 0 }
     }
 }
 
@@ -111,7 +113,12 @@ impl GateTable {
         }
         self.recent[self.next_recent] = Some(Admission { pid, datname: *datname });
         self.next_recent = (self.next_recent + 1) % RECENT_ADMISSIONS;
+        self.admissions += 1;
         Verdict::Admit
+    }
+
+    pub fn admissions(&self) -> u64 {
+        self.admissions
     }
 
     /// PIDs of recent logins admitted to `datname`: some may still be starting up and not yet
@@ -153,6 +160,7 @@ mod tests {
         assert_eq!(t.admit(3, &DbName::new("postgres"), false, 200), Verdict::Admit);
         assert_eq!(t.find(&DbName::new("shop"), 300).unwrap().refused, 2);
         assert_eq!(t.admitted_to(&DbName::new("postgres")), vec![3]);
+        assert_eq!(t.admissions(), 1, "refused logins are not admissions");
         assert!(t.admitted_to(&DbName::new("shop")).is_empty());
     }
 

@@ -143,6 +143,7 @@ CREATE TRIGGER rules_check BEFORE INSERT OR UPDATE ON session_kill.rules
 CREATE TRIGGER rules_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON session_kill.rules
     FOR EACH STATEMENT EXECUTE FUNCTION session_kill.rules_changed();
 SELECT pg_catalog.pg_extension_config_dump('session_kill.rules', '');
+SELECT pg_catalog.pg_extension_config_dump('session_kill.rules_id_seq', '');
 "#,
     name = "rules_table",
     requires = [check_rule, rules_changed]

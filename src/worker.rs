@@ -116,8 +116,11 @@ fn until(at: Micros) -> Duration {
     Duration::from_millis(micros.div_ceil(1000))
 }
 
-/// While the pressure reaper is on, how often the worker counts sessions even if no deadline is due.
-const PRESSURE_CHECK: Micros = 100_000;
+/// With the pressure reaper on, every admitted login wakes the worker. A login becomes visible
+/// in the backend status array a little after it is admitted, so the worker counts sessions again
+/// every `LOGIN_RECHECK` until `LOGIN_SETTLE` has passed without a new login.
+const LOGIN_RECHECK: Micros = 20_000;
+const LOGIN_SETTLE: Micros = 1_000_000;
 
 type BackendKey = (i32, Micros);
 
@@ -127,6 +130,8 @@ struct Worker {
     handled: HashSet<BackendKey>,
     /// Backends whose statement a `cancel_then_terminate` rule cancelled, and when their grace ends.
     cancelled: HashMap<BackendKey, Micros>,
+    /// Logins admitted so far, and when the count last changed (for the pressure reaper).
+    logins: (u64, Micros),
     /// Database names by OID for rules' database patterns, looked up once per scan.
     databases: HashMap<u32, String>,
 }
@@ -184,7 +189,12 @@ impl Worker {
             .filter(|s| s.kind == BackendKind::Client && !self.handled.contains(&key(s)))
             .collect();
         self.relieve_pressure(&staying, usage, &protections);
-        earliest(next, Some(now + PRESSURE_CHECK))
+        let admissions = shmem::GATES.share().admissions();
+        if admissions != self.logins.0 {
+            self.logins = (admissions, now);
+        }
+        let settling = now - self.logins.1 < LOGIN_SETTLE;
+        earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
     /// The published rows of `session_kill.rules` and the settings, as one rule set.

@@ -305,3 +305,37 @@ fn a_failing_sync_backs_off_and_recovers() {
     });
     s.stop();
 }
+
+/// The rules are configuration: `pg_dump` keeps them (and the id sequence), so a restored database
+/// takes new rules without clashing ids.
+#[test]
+fn pg_dump_keeps_the_rules() {
+    let s = Server::start(&[]);
+    let first = add_rule(&s, "role, state, timeout, comment", "'app', 'idle', '10min', 'pools'");
+    add_rule(&s, "state, timeout", "'active', '1h'");
+    let dump = run_checked(s.client_program("pg_dump").args(["-d", "postgres"])).stdout;
+    s.admin().batch_execute("CREATE DATABASE restored TEMPLATE template0").unwrap();
+    let mut psql = s.client_program("psql");
+    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "restored"]).stdin(std::process::Stdio::piped());
+    let mut restoring = psql.stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::io::Write::write_all(&mut restoring.stdin.take().unwrap(), &dump).unwrap();
+    assert!(restoring.wait().unwrap().success(), "the dump restores");
+
+    let mut restored = s.connect("restored", "postgres");
+    let kept: Vec<(i64, String, String)> = restored
+        .query("SELECT id, state, coalesce(comment, '') FROM session_kill.rules ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![(first, "idle".into(), "pools".into()), (first + 1, "active".into(), String::new())]
+    );
+    let next: i64 = restored
+        .query_one("INSERT INTO session_kill.rules (state, timeout) VALUES ('idle', '1h') RETURNING id", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(next, first + 2, "the id sequence was dumped too");
+    s.stop();
+}
