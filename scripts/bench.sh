@@ -18,6 +18,9 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bins
   echo "session_kill's calls return only when every signalled backend has left the process array (its connection"
   echo "slot is free), a stricter end than the recipes' \"pg_stat_activity shows none\", which a backend reaches"
   echo "earlier in its exit; the drain also waits for logins admitted just before the gate closed."
+  echo "Before each round the benchmark waits until the audit entries of earlier rounds are written to"
+  echo "session_kill.log (the sync worker writes them about a second after they queue), so no round pays"
+  echo "for another's audit."
   echo
 } >"$out.new"
 for v in "${majors[@]}"; do

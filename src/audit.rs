@@ -96,6 +96,16 @@ impl AuditQueue {
         (self.len > 0).then(|| self.entries[self.start].at)
     }
 
+    /// Puts `older` entries (taken earlier, not written) back before the queued ones; if they do
+    /// not all fit, the oldest are dropped and counted as lost.
+    pub fn requeue(&mut self, older: &[Entry]) {
+        let (newer, lost) = self.take();
+        self.lost = lost;
+        for entry in older.iter().chain(&newer) {
+            self.push(*entry);
+        }
+    }
+
     /// Every queued entry, oldest first, and how many were lost; empties the queue.
     pub fn take(&mut self) -> (Vec<Entry>, u64) {
         let entries = (0..self.len).map(|i| self.entries[(self.start + i) % CAPACITY]).collect();
@@ -244,5 +254,12 @@ mod tests {
         assert_eq!(taken[0].pid, 3);
         assert_eq!(q.oldest(), None);
         assert_eq!(q.take().1, 0, "lost is reset");
+        q.push(entry(10));
+        q.requeue(&[entry(8), entry(9)]);
+        assert_eq!(
+            q.take().0.iter().map(|e| e.pid).collect::<Vec<_>>(),
+            vec![8, 9, 10],
+            "failed writes go first"
+        );
     }
 }

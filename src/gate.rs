@@ -64,7 +64,12 @@ pub struct GateTable {
 
 impl Default for GateTable {
     fn default() -> Self {
-        GateTable { gates: [None; MAX_GATES], recent: [None; RECENT_ADMISSIONS], next_recent: 0, admissions: 0 }
+        GateTable {
+            gates: [None; MAX_GATES],
+            recent: [None; RECENT_ADMISSIONS],
+            next_recent: 0,
+            admissions: 0,
+        }
     }
 }
 

@@ -77,10 +77,12 @@ fn rules_changed<'a>(
 unsafe extern "C-unwind" fn at_transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE if CHANGED.replace(false) => {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if CHANGED.replace(false) => {
             sync::request_rules();
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => CHANGED.set(false),
+        // A prepared transaction's change shows at COMMIT PREPARED, which runs no trigger: the
+        // worker's minutely refresh picks it up.
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => CHANGED.set(false),
         _ => {}
     }
 }

@@ -1,12 +1,13 @@
 //! The worker's rules, as plain Rust: rows of `session_kill.rules` and the limits set in
 //! postgresql.conf (which act as rules below every row), and which rule governs a session.
 //!
-//! Rules compete per state. For a session in a given state, the enabled rules whose patterns
-//! match it and whose `state` applies to that state are candidates ('idle' for idle sessions,
-//! 'idle in transaction' for sessions idle inside a transaction, 'active' for running ones, and
-//! 'transaction' for any session inside a transaction). The candidate with the highest priority
-//! governs; among equal priorities the one whose deadline comes first. A high-priority rule with
-//! a long timeout is therefore how an exception is written.
+//! Rules compete within their kind (their `state` column). For each kind that applies to a
+//! session right now ('idle' to idle sessions, 'idle in transaction' to sessions idle inside a
+//! transaction, 'active' to running ones, 'transaction' to any session inside a transaction), the
+//! enabled rule of that kind whose patterns match and whose priority is highest governs (among
+//! equal priorities, the one whose deadline comes first). The session then runs into the earliest
+//! of those deadlines. A high-priority rule with a long timeout is therefore how an exception is
+//! written, and it only lifts limits of its own kind.
 
 use crate::fixed::FixedText;
 use crate::policy::{parse_label, Cidr, InputError, LikePattern, Micros, Session, State};
@@ -112,6 +113,9 @@ pub struct RuleRow {
     pub priority: i32,
 }
 
+/// Longer timeouts and graces are refused: deadlines stay far from overflowing.
+const MAX_DURATION: Micros = 100 * 366 * 24 * 3600 * 1_000_000;
+
 /// Patterns are kept in shared memory, in fixed slots of this many bytes.
 pub const MAX_PATTERN_LEN: usize = 63;
 
@@ -153,6 +157,14 @@ impl Rule {
                 "grace must not be negative",
                 "Give a grace such as '5s', or '0'.",
             ));
+        }
+        for (column, value) in [("timeout", row.timeout), ("grace", row.grace)] {
+            if value > MAX_DURATION {
+                return Err(InputError::invalid(
+                    format!("{column} is out of range"),
+                    format!("Give a {column} of at most 100 years; to exempt sessions, write a rule with a long timeout."),
+                ));
+            }
         }
         Ok(Rule {
             origin: Origin::Row(row.id),
@@ -241,10 +253,18 @@ impl RuleSet {
 
     /// The rule that governs `s` now (see the module comment), with its deadline.
     pub fn verdict(&self, s: &Session, datname: &str) -> Option<Verdict<'_>> {
-        let mut candidates = self.rules.iter().filter_map(|rule| {
-            let since = rule.measure.since(s)?;
-            rule.matches(s, datname).then_some(Verdict { rule, deadline: since + rule.timeout })
-        });
+        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, datname)).min_by_key(|v| v.deadline)
+    }
+
+    /// Among the rules of one kind that apply to `s`, the one with the highest priority (rules
+    /// are sorted that way), the earliest deadline among equals.
+    fn governing(&self, kind: Measure, s: &Session, datname: &str) -> Option<Verdict<'_>> {
+        let since = kind.since(s)?;
+        let mut candidates = self
+            .rules
+            .iter()
+            .filter(|rule| rule.measure == kind && rule.matches(s, datname))
+            .map(|rule| Verdict { rule, deadline: since.saturating_add(rule.timeout) });
         let first = candidates.next()?;
         Some(candidates.take_while(|v| v.rule.priority == first.rule.priority).fold(first, |best, v| {
             if v.deadline < best.deadline {
@@ -260,7 +280,7 @@ impl RuleSet {
     /// when there is no rule: sleep until something changes.
     pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
         let shortest = self.rules.iter().map(|r| r.timeout).min();
-        [earliest_deadline, shortest.map(|t| now + t)].into_iter().flatten().min()
+        [earliest_deadline, shortest.map(|t| now.saturating_add(t))].into_iter().flatten().min()
     }
 }
 
@@ -416,6 +436,30 @@ mod tests {
     }
 
     #[test]
+    fn rules_compete_within_their_kind_and_the_earliest_deadline_governs() {
+        let limits = Limits { transaction: 60 * SEC, idle_in_transaction: 30 * SEC, ..Limits::default() };
+        let set = rules(
+            vec![
+                RuleRow { priority: 5, ..row(1, "active", 3600) },
+                RuleRow { priority: 5, ..row(2, "idle in transaction", 3600) },
+            ],
+            limits,
+        );
+        let running = Session { xact_start: NOW - 50 * SEC, ..client(1, State::Active, 0) };
+        assert_eq!(
+            governing(&set, &running),
+            Some(("session_kill.transaction_timeout".into(), NOW + 10 * SEC)),
+            "an 'active' rule does not lift the transaction limit"
+        );
+        let waiting = Session { xact_start: NOW - 50 * SEC, ..client(2, State::IdleInTransaction, 40) };
+        assert_eq!(
+            governing(&set, &waiting),
+            Some(("session_kill.transaction_timeout".into(), NOW + 10 * SEC)),
+            "rule 2 lifts the idle-in-transaction setting only"
+        );
+    }
+
+    #[test]
     fn rules_match_on_database_role_application_network_and_state() {
         let set = rules(
             vec![RuleRow {
@@ -466,6 +510,8 @@ mod tests {
         );
         assert_eq!(refused(row(1, "idle", 0)), "timeout must be positive");
         assert_eq!(refused(RuleRow { grace: -1, ..row(1, "idle", 10) }), "grace must not be negative");
+        assert_eq!(refused(row(1, "idle", 101 * 366 * 24 * 3600)), "timeout is out of range");
+        assert_eq!(refused(RuleRow { grace: i64::MAX, ..row(1, "idle", 10) }), "grace is out of range");
         assert_eq!(
             refused(RuleRow { role: "x".repeat(64), ..row(1, "idle", 10) }),
             "role pattern is too long"

@@ -101,6 +101,11 @@ pub fn take_audit() -> (Vec<Entry>, u64) {
     AUDIT.exclusive().take()
 }
 
+/// Puts entries that could not be written back at the head of the queue.
+pub fn requeue_audit(entries: &[Entry]) {
+    AUDIT.exclusive().requeue(entries);
+}
+
 /// Replaces the published rules; returns how many were kept.
 pub fn publish_rules(rows: &[RuleRow]) -> usize {
     RULES.exclusive().publish(rows)

@@ -62,13 +62,15 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
     let Some(database) = gucs::database() else {
         if state.rules_wanted {
             no_rules("session_kill.database is empty: no rules table and no audit table");
+            shmem::SYNC.exclusive().rules_wanted = false;
         }
         shmem::take_audit();
         return None;
     };
     if state.running_since != 0 {
         if now - state.running_since < PRESUMED_LOST {
-            return None;
+            // Its exit wakes us; this is the fallback if that news never comes.
+            return Some(state.running_since + PRESUMED_LOST);
         }
         warning!(
             "session_kill: the sync worker did not report back within {} s; starting another",
@@ -90,7 +92,9 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
         if !dropped.is_empty() {
             log!("session_kill: {} audit entries not written to session_kill.log: database \"{database}\" does not exist; the server log has them", dropped.len());
         }
-        shmem::SYNC.exclusive().last_run = now;
+        let mut sync = shmem::SYNC.exclusive();
+        sync.last_run = now;
+        sync.rules_wanted = false;
         return Some(now + REFRESH);
     };
     // Marked running before it is started: a quick sync may finish (and clear the mark) before
@@ -144,7 +148,6 @@ fn no_rules(why: &str) {
     if changed || !previous.is_empty() {
         log!("session_kill: no rules in force: {why}");
     }
-    shmem::SYNC.exclusive().rules_wanted = false;
 }
 
 /// Records what the last load found; true when that differs from before.
@@ -210,10 +213,8 @@ pub extern "C-unwind" fn session_kill_sync_main(arg: pg_sys::Datum) {
     // SAFETY: reports our application_name so the sync is recognisable in pg_stat_activity.
     unsafe { pg_sys::pgstat_report_appname(c"session_kill sync".as_ptr()) };
     load_rules();
-    if !in_recovery() {
-        write_audit();
-    }
-    SUCCEEDED.store(true, Ordering::Relaxed);
+    let written = in_recovery() || write_audit();
+    SUCCEEDED.store(written, Ordering::Relaxed);
 }
 
 #[pg_guard]
@@ -227,6 +228,7 @@ unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
     } else {
         failed(now);
     }
+    signal::wake_worker();
 }
 
 const RULES_QUERY: &str = "
@@ -237,11 +239,24 @@ const RULES_QUERY: &str = "
     WHERE enabled
     ORDER BY priority DESC, id";
 
+/// Runs `body` in a transaction of its own that resolves names in pg_catalog only (the sync runs
+/// as a superuser in a database others may create objects in) and cannot hang on a lock or a
+/// slow statement.
+fn guarded<R>(body: impl FnOnce() -> R) -> Result<R, String> {
+    in_transaction(|| {
+        Spi::run(
+            "SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '20s'",
+        )
+        .expect("SET LOCAL of built-in settings succeeds");
+        body()
+    })
+}
+
 /// Reads the enabled rules and publishes the valid ones. A missing table means no rules; an
 /// unreadable one (altered columns, say) keeps the rules in force and says why.
 fn load_rules() {
     let database = gucs::database().unwrap_or_default();
-    let read = in_transaction(|| {
+    let read = guarded(|| {
         if !table_exists("session_kill.rules") {
             return None;
         }
@@ -317,33 +332,43 @@ const INSERT_LOG: &str = "
                          $6::int[], $7::name[], $8::name[], $9::text[], $10::text[]::inet[],
                          $11::text[], $12::interval[], $13::text[], $14::text[], $15::text[])";
 
-/// Writes the queued entries into `session_kill.log` and deletes rows past the retention.
-fn write_audit() {
+/// Writes the queued entries into `session_kill.log` and deletes rows past the retention. If the
+/// write fails, the entries go back to the queue and the sync counts as failed (so it backs off).
+fn write_audit() -> bool {
     let (entries, lost) = shmem::take_audit();
+    if lost > 0 {
+        warning!("session_kill: {lost} audit entries were dropped because the queue was full; the server log has them");
+    }
     let retention = gucs::LOG_RETENTION.get();
-    let written = in_transaction(|| {
+    let written = guarded(|| {
         if !table_exists("session_kill.log") {
-            return Ok(0);
+            return Ok(false);
         }
         if retention > 0 && !entries.is_empty() {
             Spi::run_with_args(INSERT_LOG, &columns(&entries))?;
         }
         let cutoff = kill::timestamp(backends::now() - i64::from(retention) * SECOND);
         Spi::run_with_args("DELETE FROM session_kill.log WHERE acted_at < $1", &[cutoff.into()])?;
-        Ok::<_, pgrx::spi::Error>(entries.len())
+        Ok::<_, pgrx::spi::Error>(true)
     });
-    match written {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            warning!("session_kill: could not write {} entries to session_kill.log: {e}", entries.len())
+    let database = gucs::database().unwrap_or_default();
+    let error = match written {
+        Ok(Ok(true)) => return true,
+        Ok(Ok(false)) => {
+            if !entries.is_empty() {
+                log!("session_kill: {} audit entries not written: no table session_kill.log in database \"{database}\"; the server log has them", entries.len());
+            }
+            return true;
         }
-        Err(message) => {
-            warning!("session_kill: could not write {} entries to session_kill.log: {message}", entries.len())
-        }
-    }
-    if lost > 0 {
-        warning!("session_kill: {lost} audit entries were dropped because the queue was full; the server log has them");
-    }
+        Ok(Err(e)) => e.to_string(),
+        Err(message) => message,
+    };
+    warning!(
+        "session_kill: could not write {} entries to session_kill.log in database \"{database}\": {error}",
+        entries.len()
+    );
+    shmem::requeue_audit(&entries);
+    false
 }
 
 /// The entries as one array per column of `session_kill.log`.
@@ -351,12 +376,14 @@ fn columns(entries: &[Entry]) -> Vec<pgrx::datum::DatumWithOid<'static>> {
     let text = |f: &dyn Fn(&Entry) -> &str| -> Vec<Option<String>> {
         entries.iter().map(|e| Some(f(e)).filter(|s| !s.is_empty()).map(str::to_owned)).collect()
     };
+    let required =
+        |f: &dyn Fn(&Entry) -> &str| -> Vec<String> { entries.iter().map(|e| f(e).to_owned()).collect() };
     let at: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|e| kill::timestamp(e.at)).collect();
     let idle_for: Vec<Option<Interval>> = entries.iter().map(|e| e.idle_for.map(kill::interval)).collect();
     let pids: Vec<i32> = entries.iter().map(|e| e.pid).collect();
     vec![
         at.into(),
-        text(&|e| e.source.label()).into(),
+        required(&|e| e.source.label()).into(),
         text(&|e| e.rule.as_str()).into(),
         text(&|e| e.reason.as_str()).into(),
         text(&|e| e.actor.as_str()).into(),
@@ -368,7 +395,7 @@ fn columns(entries: &[Entry]) -> Vec<pgrx::datum::DatumWithOid<'static>> {
         text(&|e| e.state.as_str()).into(),
         idle_for.into(),
         text(&|e| e.query.as_str()).into(),
-        text(&|e| e.action.as_str()).into(),
-        text(&|e| e.outcome.as_str()).into(),
+        required(&|e| e.action.as_str()).into(),
+        required(&|e| e.outcome.as_str()).into(),
     ]
 }

@@ -35,3 +35,19 @@ pub fn open_idle(server: &crate::Server, db: &str, user: &str, count: usize) -> 
         })
         .collect()
 }
+
+/// Waits until the audit entries of earlier rounds are written (none queued, no sync worker
+/// running), so each round measures its own work only.
+pub fn settle(server: &crate::Server) {
+    crate::wait_for(std::time::Duration::from_secs(30), || {
+        server
+            .admin()
+            .query_one(
+                "SELECT (SELECT audit_queued FROM session_kill.worker) = 0
+                    AND NOT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'session_kill sync')",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    });
+}

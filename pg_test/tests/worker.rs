@@ -252,10 +252,10 @@ fn the_reaper_acts_as_logins_arrive() {
             .map(|r| r.get(0))
             .collect()
     };
-    wait_for(Duration::from_secs(20), || clients().len() <= 10);
+    wait_for(Duration::from_secs(20), || clients().len() <= 11);
     let alive = clients();
     let ended = sessions.iter().take_while(|st| !alive.contains(&st.pid)).count();
-    assert!(ended >= 6, "16 logins, threshold floor(0.5 * 23) = 11 with our own probe: {ended} ended");
+    assert!(ended >= 5, "16 logins, threshold floor(0.5 * 23) = 11: {ended} ended");
     assert!(sessions[ended..].iter().all(|st| alive.contains(&st.pid)), "the oldest were ended, in order");
     s.stop();
 }
@@ -349,22 +349,22 @@ fn sigterm_stops_the_worker_and_the_postmaster_restarts_it() {
     s.stop();
 }
 
-/// Sessions that start a statement a hair (2 ms) before their idle deadline are not ended: the
+/// Sessions that start a statement a hair (5 ms) before their idle deadline are not ended: the
 /// worker wakes at the deadline, re-reads the session and finds it running.
 ///
 /// Each statement first sets a sequence (which no rollback undoes), so an ended session tells
 /// whether its statement had begun. The client also knows the earliest moment the server's
 /// deadline can fall: the server went idle no sooner than the previous statement was sent plus
-/// its 20 ms `pg_sleep`. A session ended during a statement sent safely (0.5 ms) before that moment
+/// its 20 ms `pg_sleep`. A session ended during a statement sent safely (3 ms) before that moment
 /// is a failure; one sent later (the client overslept) was fairly judged idle and is excused, as
 /// is one ended before its statement began.
 #[test]
 fn a_session_turning_active_at_its_deadline_is_not_ended() {
     use std::time::Instant;
     const LIMIT: Duration = Duration::from_millis(500);
-    const MARGIN: Duration = Duration::from_millis(2);
+    const MARGIN: Duration = Duration::from_millis(5);
     const STATEMENT: Duration = Duration::from_millis(20);
-    const LATENCY: Duration = Duration::from_micros(500);
+    const LATENCY: Duration = Duration::from_millis(3);
     const SESSIONS: usize = 8;
     const STATEMENTS: i64 = 10;
     let s = Server::start(&["session_kill.idle_timeout = '500ms'"]);

@@ -3,7 +3,7 @@
 //! (`ALTER DATABASE ... ALLOW_CONNECTIONS false` + a `pg_terminate_backend` loop until empty),
 //! and how many logins slipped in after the database was closed. Prints a Markdown section.
 
-use session_kill_pg_test::stats::{max, median, min, open_idle, rounds, server_version};
+use session_kill_pg_test::stats::{max, median, min, open_idle, rounds, server_version, settle};
 use session_kill_pg_test::{Attempt, Reconnector, Server, APP};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,6 +56,7 @@ fn main() {
 /// database was closed), checks it is empty, and reopens it.
 fn round(server: &Server, db: &str, method: fn(&Server, &str) -> SystemTime) -> Run {
     let sessions = open_idle(server, db, APP, SESSIONS);
+    settle(server);
     let pool: Vec<Reconnector> =
         (0..RECONNECTING).map(|_| Reconnector::start(server.config(db, APP))).collect();
     std::thread::sleep(Duration::from_millis(300));

@@ -2,7 +2,7 @@
 //! hand-written recipes, and the cost of `sessions()` versus `pg_stat_activity`, in one run.
 //! Prints a Markdown section for the benchmark results file.
 
-use session_kill_pg_test::stats::{max, median, min, open_idle, rounds, server_version};
+use session_kill_pg_test::stats::{max, median, min, open_idle, rounds, server_version, settle};
 use session_kill_pg_test::{Server, APP};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ fn main() {
     for round in 0..ROUNDS {
         for (i, (_, _, run)) in methods.iter().enumerate().filter(|(_, m)| round < m.1) {
             let sessions = open_idle(&server, &db, APP, SESSIONS);
+            settle(&server);
             let start = Instant::now();
             run(&mut admin, &db);
             timings[i].push(start.elapsed().as_secs_f64() * 1000.0);
