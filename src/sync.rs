@@ -311,7 +311,8 @@ fn publish(rows: Vec<RuleRow>, database: &str) {
             valid.len()
         );
     }
-    let status = format!("{kept} rules from session_kill.rules in database \"{database}\"");
+    let noun = if kept == 1 { "rule" } else { "rules" };
+    let status = format!("{kept} {noun} from session_kill.rules in database \"{database}\"");
     set_status(&status);
     if previous != valid[..kept] {
         log!("session_kill: {status}");

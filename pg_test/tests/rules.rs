@@ -47,7 +47,7 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     )));
     assert_eq!(other.probe(), ClientView::Alive, "another role");
     assert_eq!(app_tx.probe(), ClientView::Alive, "an 'idle' rule does not cover transactions");
-    assert_eq!(rules_in_force(&s), (1, "1 rules from session_kill.rules in database \"postgres\"".into()));
+    assert_eq!(rules_in_force(&s), (1, "1 rule from session_kill.rules in database \"postgres\"".into()));
 
     s.admin().batch_execute("UPDATE session_kill.rules SET enabled = false").unwrap();
     wait_for(Duration::from_secs(10), || rules_in_force(&s).0 == 0);
