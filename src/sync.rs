@@ -14,10 +14,11 @@ use crate::policy::Micros;
 use crate::rules::{Rule, RuleRow};
 use crate::worker::in_transaction;
 use crate::{backends, gucs, kill, shmem, signal};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const NAME: &str = "session_kill sync";
@@ -203,7 +204,7 @@ static SUCCEEDED: AtomicBool = AtomicBool::new(false);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn session_kill_sync_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    handle_sigterm_like_a_backend();
     // SAFETY: registers a callback that runs at any exit, FATAL included, while shared memory is
     // still attached.
     unsafe { pg_sys::before_shmem_exit(Some(sync_exited), pg_sys::Datum::from(0)) };
@@ -217,8 +218,39 @@ pub extern "C-unwind" fn session_kill_sync_main(arg: pg_sys::Datum) {
     SUCCEEDED.store(written, Ordering::Relaxed);
 }
 
+unsafe extern "C-unwind" {
+    /// The server's SIGTERM handler for backends (tcop/postgres.c), as a plain C function: the
+    /// one pg_sys exports is wrapped for calls from Rust, not for use as a signal handler.
+    fn die(signal: std::ffi::c_int);
+}
+
+/// PostgreSQL's own SIGTERM handler (pgrx's only sets a flag): a sync waiting on a lock or
+/// running a statement ends at once when terminated, by `pg_terminate_backend`, `DROP DATABASE
+/// ... WITH (FORCE)` or a shutdown.
+fn handle_sigterm_like_a_backend() {
+    // SAFETY: installs the standard backend handler, then unblocks signals, as a worker's main
+    // function does first.
+    unsafe {
+        #[cfg(feature = "pg15")]
+        pg_sys::pqsignal(libc::SIGTERM, Some(die));
+        #[cfg(not(feature = "pg15"))]
+        pg_sys::pqsignal_be(libc::SIGTERM, Some(die));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+thread_local! {
+    /// Audit entries taken from the queue and not yet committed to the table: put back if the
+    /// sync dies meanwhile.
+    static UNWRITTEN: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
+    let unwritten = UNWRITTEN.take();
+    if !unwritten.is_empty() {
+        shmem::requeue_audit(&unwritten);
+    }
     let now = backends::now();
     if SUCCEEDED.load(Ordering::Relaxed) {
         let mut sync = shmem::SYNC.exclusive();
@@ -337,6 +369,7 @@ const INSERT_LOG: &str = "
 /// write fails, the entries go back to the queue and the sync counts as failed (so it backs off).
 fn write_audit() -> bool {
     let (entries, lost) = shmem::take_audit();
+    UNWRITTEN.set(entries.clone());
     if lost > 0 {
         warning!("session_kill: {lost} audit entries were dropped because the queue was full; the server log has them");
     }
@@ -353,6 +386,7 @@ fn write_audit() -> bool {
         Ok::<_, pgrx::spi::Error>(true)
     });
     let database = gucs::database().unwrap_or_default();
+    let entries = UNWRITTEN.take();
     let error = match written {
         Ok(Ok(true)) => return true,
         Ok(Ok(false)) => {

@@ -117,10 +117,21 @@ fn until(at: Micros) -> Duration {
 }
 
 /// With the pressure reaper on, every admitted login wakes the worker. A login becomes visible
-/// in the backend status array a little after it is admitted, so the worker counts sessions again
-/// every `LOGIN_RECHECK` until `LOGIN_SETTLE` has passed without a new login.
+/// in the backend status array a little after it is admitted, so while the logins not yet known
+/// to be counted could push the sessions over the threshold, the worker counts again every
+/// `LOGIN_RECHECK`, until `LOGIN_SETTLE` has passed without a new login.
 const LOGIN_RECHECK: Micros = 20_000;
 const LOGIN_SETTLE: Micros = 1_000_000;
+
+/// The pressure reaper's view of logins.
+#[derive(Default)]
+struct Logins {
+    /// Admitted logins so far, and when that count last changed.
+    admitted: u64,
+    changed_at: Micros,
+    /// The count when every admitted login was last known to be visible.
+    counted: u64,
+}
 
 type BackendKey = (i32, Micros);
 
@@ -130,8 +141,7 @@ struct Worker {
     handled: HashSet<BackendKey>,
     /// Backends whose statement a `cancel_then_terminate` rule cancelled, and when their grace ends.
     cancelled: HashMap<BackendKey, Micros>,
-    /// Logins admitted so far, and when the count last changed (for the pressure reaper).
-    logins: (u64, Micros),
+    logins: Logins,
     /// Database names by OID for rules' database patterns, looked up once per scan.
     databases: HashMap<u32, String>,
 }
@@ -188,12 +198,20 @@ impl Worker {
             .values()
             .filter(|s| s.kind == BackendKind::Client && !self.handled.contains(&key(s)))
             .collect();
-        self.relieve_pressure(&staying, usage, &protections);
-        let admissions = shmem::GATES.share().admissions();
-        if admissions != self.logins.0 {
-            self.logins = (admissions, now);
+        // SAFETY: MaxConnections is set at server start.
+        let max_connections = unsafe { pg_sys::MaxConnections } as usize;
+        let threshold = (usage * max_connections as f64).floor() as usize;
+        self.relieve_pressure(&staying, threshold, max_connections, &protections);
+        let admitted = shmem::GATES.share().admissions();
+        let logins = &mut self.logins;
+        if admitted != logins.admitted {
+            (logins.admitted, logins.changed_at) = (admitted, now);
         }
-        let settling = now - self.logins.1 < LOGIN_SETTLE;
+        let unseen = (admitted - logins.counted) as usize;
+        let settling = now - logins.changed_at < LOGIN_SETTLE && staying.len() + unseen > threshold;
+        if !settling {
+            logins.counted = admitted;
+        }
         earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
@@ -244,11 +262,14 @@ impl Worker {
         None
     }
 
-    /// Above `usage` × max_connections client sessions, ends the longest-idle ones.
-    fn relieve_pressure(&mut self, clients: &[&Session], usage: f64, protections: &Protections) {
-        // SAFETY: MaxConnections is set at server start.
-        let max_connections = unsafe { pg_sys::MaxConnections } as usize;
-        let threshold = (usage * max_connections as f64).floor() as usize;
+    /// Above `threshold` client sessions, ends the longest-idle ones.
+    fn relieve_pressure(
+        &mut self,
+        clients: &[&Session],
+        threshold: usize,
+        max_connections: usize,
+        protections: &Protections,
+    ) {
         for victim in pressure_victims(clients, clients.len(), threshold, protections) {
             let fresh = backends::live_backend(victim.pid).filter(|f| f.session.same_backend(victim));
             if let Some(fresh) = fresh.filter(|f| f.session.state.is_some_and(State::is_idle)) {

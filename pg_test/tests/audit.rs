@@ -167,3 +167,42 @@ fn log_retention_bounds_the_table() {
     assert_eq!(old, 0, "the row older than session_kill.log_retention was deleted when the next was written");
     s.stop();
 }
+
+/// A sync blocked on a lock (someone holds session_kill.log) ends at once when terminated, and
+/// the entries it held go back to the queue: they are written once the lock is gone.
+#[test]
+fn a_terminated_sync_loses_no_entries() {
+    let s = Server::start(&[]);
+    let db = s.fresh_db("shop");
+    let mut holder = s.admin();
+    holder.batch_execute("BEGIN; LOCK TABLE session_kill.log IN ACCESS EXCLUSIVE MODE").unwrap();
+    let victim = Session::idle(s.connect(&db, APP));
+    kill(&s, "'shop'");
+
+    let mut sync = 0;
+    wait_for(Duration::from_secs(20), || {
+        let blocked = s
+            .admin()
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill sync' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap();
+        sync = blocked.map_or(0, |r| r.get(0));
+        sync != 0
+    });
+    let signalled: bool = s.admin().query_one("SELECT pg_terminate_backend($1)", &[&sync]).unwrap().get(0);
+    assert!(signalled);
+    s.wait_until_gone(sync);
+    let ended_by_signal = s.server_log().lines().any(|l| {
+        l.contains(&format!("[{sync}] "))
+            && l.contains(
+                "FATAL:  terminating background worker \"session_kill sync\" due to administrator command",
+            )
+    });
+    assert!(ended_by_signal, "ended by the signal, not by its lock timeout");
+
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(rows_for(&s, victim.pid, 1).len(), 1, "the entry was put back and written later");
+    s.stop();
+}
