@@ -161,7 +161,7 @@ impl<'a> Act<'a> {
 /// `session_kill.log`. The caller writes the server log line.
 pub fn record(act: &Act) {
     shmem::count(act.source, act.counted_as, act.outcome);
-    if !shmem::preloaded() || gucs::database().is_none() || in_recovery() {
+    if !shmem::preloaded() || gucs::database().is_none() || backends::in_recovery() {
         return;
     }
     let now = backends::now();
@@ -186,11 +186,6 @@ pub fn record(act: &Act) {
     if shmem::queue_audit(entry) {
         signal::wake_worker();
     }
-}
-
-fn in_recovery() -> bool {
-    // SAFETY: reads shared recovery state; callable from any backend.
-    unsafe { pg_sys::RecoveryInProgress() }
 }
 
 /// Who acted: the current user for the functions, the worker itself otherwise.

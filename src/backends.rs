@@ -122,6 +122,12 @@ unsafe fn palloc_copy(src: *const c_char, max: usize) -> *mut c_char {
     unsafe { pg_sys::pnstrdup(src, max - 1) }
 }
 
+/// The server is a hot standby (or otherwise in recovery): nothing can be written.
+pub fn in_recovery() -> bool {
+    // SAFETY: reads shared recovery state; callable from any backend.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
 /// The current wall-clock time as a PostgreSQL timestamp.
 pub fn now() -> Micros {
     // SAFETY: GetCurrentTimestamp only reads the clock.

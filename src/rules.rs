@@ -338,6 +338,10 @@ impl PublishedRules {
         self.count
     }
 
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
     pub fn rows(&self) -> Vec<RuleRow> {
         self.rows[..self.count]
             .iter()

@@ -67,6 +67,11 @@ pub fn count(source: Source, reason: &str, outcome: &str) {
     }
 }
 
+/// The worker announces itself at start, so backends can wake it before its first scan.
+pub fn worker_started(pid: i32) {
+    COUNTERS.exclusive().worker.pid = pid;
+}
+
 /// The worker reports each scan.
 pub fn worker_scanned(pid: i32, at: Micros, next: Option<Micros>) {
     let mut counters = COUNTERS.exclusive();
@@ -109,6 +114,10 @@ pub fn requeue_audit(entries: &[Entry]) {
 /// Replaces the published rules; returns how many were kept.
 pub fn publish_rules(rows: &[RuleRow]) -> usize {
     RULES.exclusive().publish(rows)
+}
+
+pub fn rules_in_force() -> usize {
+    RULES.share().len()
 }
 
 pub fn published_rules() -> Vec<RuleRow> {

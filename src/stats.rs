@@ -43,7 +43,7 @@ fn worker_status() -> TableIterator<
         kill::timestamp(w.last_scan),
         kill::timestamp(w.next_scan),
         w.scans as i64,
-        shmem::published_rules().len() as i32,
+        shmem::rules_in_force() as i32,
         kill::timestamp(sync.rules_loaded_at),
         Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
         shmem::audit_waiting().0 as i32,

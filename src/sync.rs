@@ -81,7 +81,7 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
     if now < state.retry_at {
         return Some(state.retry_at);
     }
-    let (queued, oldest) = if in_recovery() { (0, None) } else { shmem::audit_waiting() };
+    let (queued, oldest) = if backends::in_recovery() { (0, None) } else { shmem::audit_waiting() };
     let audit_at = oldest.map(|at| at + AUDIT_INTERVAL);
     let audit_due = queued >= audit::CAPACITY / 2 || audit_at.is_some_and(|at| at <= now);
     if !(state.rules_wanted || audit_due || now - state.last_run >= REFRESH) {
@@ -193,11 +193,6 @@ fn database_oid(name: &str) -> Option<pg_sys::Oid> {
     }
 }
 
-fn in_recovery() -> bool {
-    // SAFETY: reads shared recovery state.
-    unsafe { pg_sys::RecoveryInProgress() }
-}
-
 /// Set once the sync worker has done its work; read by its exit callback.
 static SUCCEEDED: AtomicBool = AtomicBool::new(false);
 
@@ -214,7 +209,7 @@ pub extern "C-unwind" fn session_kill_sync_main(arg: pg_sys::Datum) {
     // SAFETY: reports our application_name so the sync is recognisable in pg_stat_activity.
     unsafe { pg_sys::pgstat_report_appname(c"session_kill sync".as_ptr()) };
     load_rules();
-    let written = in_recovery() || write_audit();
+    let written = backends::in_recovery() || write_audit();
     SUCCEEDED.store(written, Ordering::Relaxed);
 }
 

@@ -48,7 +48,7 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::pgstat_report_appname(c"session_kill worker".as_ptr()) };
     log!("session_kill worker started");
     // SAFETY: MyProcPid is set for the life of the process.
-    shmem::worker_scanned(unsafe { pg_sys::MyProcPid }, 0, None);
+    shmem::worker_started(unsafe { pg_sys::MyProcPid });
     sync::request_rules();
     let mut worker = Worker::default();
     let mut backoff = FIRST_BACKOFF;

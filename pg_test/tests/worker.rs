@@ -179,6 +179,33 @@ fn the_worker_is_recognisable_and_protected() {
     s.stop();
 }
 
+/// PIDs of the client sessions matching `condition` (SQL over pg_stat_activity).
+fn client_pids(s: &Server, condition: &str) -> Vec<i32> {
+    s.admin()
+        .query(
+            &format!(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND {condition}"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// How many of `sessions` (oldest first) were ended, asserting the reaper took the oldest ones
+/// and only those.
+#[track_caller]
+fn oldest_ended(sessions: &[Session], alive: &[i32]) -> usize {
+    let ended = sessions.iter().take_while(|st| !alive.contains(&st.pid)).count();
+    assert!(
+        sessions[ended..].iter().all(|st| alive.contains(&st.pid)),
+        "only the oldest were ended, in order"
+    );
+    ended
+}
+
 /// The field report: hundreds of sessions stuck after START TRANSACTION exhaust the slots and new
 /// logins fail with "remaining connection slots are reserved ...". With the pressure reaper on,
 /// the worker (which needs no client slot) ends the oldest stuck sessions and logins work again.
@@ -207,22 +234,9 @@ fn pressure_reaper_frees_slots_when_every_connection_is_taken() {
     });
 
     // Logins work again as soon as the first victim is gone; the reaper goes on to the threshold.
-    let client_pids = || -> Vec<i32> {
-        s.admin()
-            .query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
-    wait_for(Duration::from_secs(30), || client_pids().len() <= 272);
-    let alive = client_pids();
-    let ended = stuck.iter().take_while(|st| !alive.contains(&st.pid)).count();
+    wait_for(Duration::from_secs(30), || client_pids(&s, "true").len() <= 272);
+    let ended = oldest_ended(&stuck, &client_pids(&s, "true"));
     assert!(ended >= 28, "at least 300 - floor(0.9 * 303) = 28 sessions were ended: {ended}");
-    assert!(
-        stuck[ended..].iter().all(|st| alive.contains(&st.pid)),
-        "only the oldest stuck sessions were ended, in order"
-    );
     assert!(logged(
         &s,
         "client sessions above session_kill.max_connection_usage (272 of max_connections 303)"
@@ -241,22 +255,9 @@ fn the_reaper_acts_as_logins_arrive() {
         "session_kill.max_connection_usage = 0.5",
     ]);
     let sessions: Vec<Session> = (0..16).map(|_| Session::idle(s.connect("postgres", APP))).collect();
-    let clients = || -> Vec<i32> {
-        s.admin()
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND usename = 'app'",
-                &[],
-            )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
-    wait_for(Duration::from_secs(20), || clients().len() <= 11);
-    let alive = clients();
-    let ended = sessions.iter().take_while(|st| !alive.contains(&st.pid)).count();
+    wait_for(Duration::from_secs(20), || client_pids(&s, "usename = 'app'").len() <= 11);
+    let ended = oldest_ended(&sessions, &client_pids(&s, "usename = 'app'"));
     assert!(ended >= 5, "16 logins, threshold floor(0.5 * 23) = 11: {ended} ended");
-    assert!(sessions[ended..].iter().all(|st| alive.contains(&st.pid)), "the oldest were ended, in order");
     s.stop();
 }
 
