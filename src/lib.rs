@@ -33,6 +33,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         drain::install_hook();
+        rule_table::install_hook();
         worker::register();
     }
     // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.

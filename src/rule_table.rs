@@ -1,6 +1,6 @@
 //! The table `session_kill.rules`: its definition, the check every row passes, and the
-//! notification that makes a committed change reach the worker (and so every open session)
-//! without a reload.
+//! notification that makes a committed change (or the table's drop) reach the worker, and so
+//! every open session, without a reload.
 
 use crate::errors::or_raise;
 use crate::kill::duration_arg;
@@ -64,13 +64,64 @@ thread_local! {
 fn rules_changed<'a>(
     _trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::heap_tuple::PgHeapTupleError> {
+    note_change();
+    warn_if_not_enforced();
+    Ok(None)
+}
+
+/// This transaction changed the rules (or dropped their table): the worker is told at COMMIT.
+fn note_change() {
     CHANGED.set(true);
     if !CALLBACK_REGISTERED.replace(true) {
         // SAFETY: registers a callback that lives as long as the process.
         unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
     }
-    warn_if_not_enforced();
-    Ok(None)
+}
+
+static mut PREVIOUS_OBJECT_ACCESS_HOOK: pg_sys::object_access_hook_type = None;
+
+/// From `_PG_init` when preloaded: DROP TABLE or DROP EXTENSION runs no trigger, so a drop of the
+/// rules table is noticed here and reaches the worker at COMMIT like any other change.
+pub fn install_hook() {
+    // SAFETY: _PG_init runs once in the postmaster before any backend; we chain the previous hook.
+    unsafe {
+        PREVIOUS_OBJECT_ACCESS_HOOK = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(on_object_access);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut std::ffi::c_void,
+) {
+    // SAFETY: the previous hook gets the arguments PostgreSQL passed to us.
+    unsafe {
+        if let Some(previous) = PREVIOUS_OBJECT_ACCESS_HOOK {
+            previous(access, class_id, object_id, sub_id, arg);
+        }
+    }
+    if access == pg_sys::ObjectAccessType::OAT_DROP
+        && class_id == pg_sys::RelationRelationId
+        && sub_id == 0
+        && is_rules_table(object_id)
+    {
+        note_change();
+    }
+}
+
+fn is_rules_table(relation: pg_sys::Oid) -> bool {
+    use crate::backends::c_string;
+    // SAFETY: syscache lookups of a relation still in the catalogs (the hook runs before the
+    // drop); NULL results are handled.
+    unsafe {
+        c_string(pg_sys::get_rel_name(relation)).as_deref() == Some("rules")
+            && c_string(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relation))).as_deref()
+                == Some("session_kill")
+    }
 }
 
 #[pg_guard]
