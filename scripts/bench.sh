@@ -25,7 +25,7 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bins
 } >"$out.new"
 for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
-  cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$v" >/dev/null
+  install_extension "$pg_config" --no-default-features --features "pg$v"
   for bench in bench_kill bench_drain bench_worker; do
     SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) "pg_test/target/release/$bench" | tee -a "$out.new"
   done

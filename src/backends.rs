@@ -128,6 +128,12 @@ pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
+/// This backend: its PID and start time, which together never name another process.
+pub fn own_key() -> (i32, Micros) {
+    // SAFETY: both are set when the process starts.
+    unsafe { (pg_sys::MyProcPid, pg_sys::MyStartTimestamp) }
+}
+
 /// The current wall-clock time as a PostgreSQL timestamp.
 pub fn now() -> Micros {
     // SAFETY: GetCurrentTimestamp only reads the clock.
@@ -195,7 +201,7 @@ fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
     Session {
         pid: e.st_procpid,
         backend_start: e.st_proc_start_timestamp,
-        kind: kind_of(e.st_backendType),
+        kind: kind_of(e.st_backendType, e.st_databaseid),
         database_oid: e.st_databaseid.to_u32(),
         role: role.name,
         application: c_string(e.st_appname).unwrap_or_default(),
@@ -228,11 +234,12 @@ pub fn database_name(oid: pg_sys::Oid) -> Option<String> {
     c_string(unsafe { pg_sys::get_database_name(oid) })
 }
 
-fn kind_of(t: pg_sys::BackendType::Type) -> BackendKind {
+fn kind_of(t: pg_sys::BackendType::Type, database: pg_sys::Oid) -> BackendKind {
     use pg_sys::BackendType::*;
     match t {
         B_BACKEND => BackendKind::Client,
         B_AUTOVAC_LAUNCHER | B_AUTOVAC_WORKER => BackendKind::Autovacuum,
+        B_WAL_SENDER if database != pg_sys::InvalidOid => BackendKind::LogicalReplication,
         B_WAL_SENDER | B_WAL_RECEIVER => BackendKind::Replication,
         B_BG_WORKER => BackendKind::BackgroundWorker,
         _ => BackendKind::System,

@@ -5,10 +5,10 @@ use crate::audit::{self, Act};
 use crate::backends;
 use crate::counters::Source;
 use crate::errors::{null_argument, raise};
-use crate::gate::{DbName, Gate, GateError, Verdict};
+use crate::gate::{Admission, DbName, Gate, GateError, Verdict};
 use crate::gucs;
 use crate::kill::{self, KillRequest, Target};
-use crate::policy::{DatabaseScope, Filter, Micros, Mode, Outcome, Session};
+use crate::policy::{BackendKind, DatabaseScope, Filter, Micros, Mode, Outcome, Protections, Session};
 use crate::shmem::{require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
@@ -41,14 +41,28 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
         if let Some(previous) = PREVIOUS_AUTH_HOOK {
             previous(port, status);
         }
-        if status != pg_sys::STATUS_OK as i32 || pg_sys::am_walsender || (*port).database_name.is_null() {
+        // Physical replication belongs to no database; a logical replication connection
+        // (replication=database) can run SQL in its database, so it passes the gate like a client.
+        let physical_replication = pg_sys::am_walsender && !pg_sys::am_db_walsender;
+        if status != pg_sys::STATUS_OK as i32 || physical_replication || (*port).database_name.is_null() {
             return;
         }
         let datname = DbName::new(&CStr::from_ptr((*port).database_name).to_string_lossy());
         let now = backends::now();
-        let lets_superusers_in = GATES.share().find(&datname, now).is_some_and(|g| g.allow_superusers);
-        let superuser = lets_superusers_in && role_is_superuser((*port).user_name);
-        let verdict = GATES.exclusive().admit(pg_sys::MyProcPid, &datname, superuser, now);
+        let role = pg_sys::get_role_oid((*port).user_name, true);
+        let (pid, started) = backends::own_key();
+        let login = Admission {
+            pid,
+            started,
+            datname,
+            role: role.to_u32(),
+            superuser: role != pg_sys::InvalidOid && pg_sys::superuser_arg(role),
+        };
+        let verdict = GATES.exclusive().admit(login, now);
+        if verdict == Verdict::Admit {
+            // SAFETY: runs at any exit of this backend, while shared memory is still attached.
+            pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(0));
+        }
         if verdict == Verdict::Admit && gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
             // One more client: the pressure reaper decides whether that is one too many.
             signal::wake_worker();
@@ -69,12 +83,11 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
     }
 }
 
-unsafe fn role_is_superuser(user_name: *const std::ffi::c_char) -> bool {
-    // SAFETY: a syscache lookup on the shared pg_authid catalog, as authentication itself does.
-    unsafe {
-        let role = pg_sys::get_role_oid(user_name, true);
-        role != pg_sys::InvalidOid && pg_sys::superuser_arg(role)
-    }
+/// An admitted backend forgets its admission as it exits, before its PID can be reused.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_admission(_code: i32, _arg: pg_sys::Datum) {
+    let (pid, started) = backends::own_key();
+    GATES.exclusive().exited(pid, started);
 }
 
 fn gate_detail(gate: &Gate) -> String {
@@ -214,6 +227,7 @@ struct Report {
 
 struct Drain {
     db: String,
+    oid: u32,
     name: DbName,
     timeout: Duration,
     request: KillRequest,
@@ -228,6 +242,7 @@ impl Drain {
         let grace = grace.min(timeout);
         Drain {
             db: db.to_owned(),
+            oid,
             name: DbName::new(db),
             timeout: kill::duration(timeout),
             request: KillRequest {
@@ -240,10 +255,14 @@ impl Drain {
                     application: None,
                     client: None,
                     states: None,
+                    logical_replication: true,
                 },
                 grace,
                 wait: timeout - grace,
-                protections: kill::configured_protections(include_superusers),
+                protections: Protections {
+                    logical_replication: true,
+                    ..kill::configured_protections(include_superusers)
+                },
                 reason: Some(format!("drain of database \"{db}\"")),
             },
             started: Instant::now(),
@@ -281,32 +300,41 @@ impl Drain {
         // Sweep: end sessions that appear late, wait for the rest to go.
         self.request.mode = Mode::Terminate;
         self.request.wait = 0;
-        // Logins admitted just before the gate closed and not yet visible; each is checked until
-        // it shows up as a session (then it is ended like the others) or goes away.
+        // Logins admitted before the gate closed that are not (yet) visible as sessions of the
+        // database, at any stage of start-up; each is checked until it shows up as a session (then
+        // it is ended like the others) or goes away.
         let mut starting = admitted;
-        let mut signalled_starting: HashSet<i32> = HashSet::new();
+        let mut signalled_starting: HashSet<(i32, Micros)> = HashSet::new();
         let left = loop {
             let left = self.sessions_left();
-            starting.retain(|pid| self.still_starting(*pid, &left));
-            // A login admitted just before the gate closed is ended while it starts up, as the
-            // postmaster ends starting backends at shutdown; no need to wait until it is visible.
-            for pid in starting.iter().filter(|pid| signalled_starting.insert(**pid)) {
-                if signal::send(*pid, Signal::Terminate).is_ok() {
-                    log!("session_kill: sent terminate to pid {pid} (a login to database {} still starting up)", self.db);
-                    audit::record(&Act {
+            starting.retain(|login| self.still_starting(login, &left));
+            // Ended while it starts up, as the postmaster ends starting backends at shutdown; a
+            // protected login (a superuser's, a protected role's) is left alone like a session.
+            for login in &starting {
+                let session = starting_session(login, self.oid);
+                if self.request.protections.protection(&session).is_some()
+                    || !signalled_starting.insert((login.pid, login.started))
+                    || !self.terminate_starting(login)
+                {
+                    continue;
+                }
+                log!("session_kill: sent terminate to pid {} (a login to database {} still starting up)", login.pid, self.db);
+                audit::record(
+                    &Act {
                         source: Source::DrainDatabase,
                         counted_as: "terminate",
                         rule: None,
                         reason: self.request.reason.as_deref(),
-                        pid: *pid,
-                        session: None,
+                        pid: login.pid,
+                        session: Some(&session),
                         database: Some(&self.db),
                         query: None,
                         action: "terminate",
-                        outcome: "terminated while starting",
-                    });
-                    totals.1 += 1;
-                }
+                        outcome: &Outcome::Signalled.to_string(),
+                    },
+                    true,
+                );
+                totals.1 += 1;
             }
             if (left.is_empty() && starting.is_empty()) || self.started.elapsed() >= self.timeout {
                 break left;
@@ -324,7 +352,7 @@ impl Drain {
         };
         let refused = GATES.share().find(&self.name, backends::now()).map_or(0, |g| g.refused);
         if !left.is_empty() || !starting.is_empty() {
-            self.fail(&left, starting.len());
+            self.fail(&left, &starting);
         }
         log!(
             "session_kill: drained database \"{}\" in {:.3} s: {} sessions at start, {} cancelled, {} terminated, {} logins refused",
@@ -367,14 +395,22 @@ impl Drain {
         backends::sessions().into_values().filter(|s| self.request.filter.matches(s, now)).collect()
     }
 
-    /// A login admitted before the gate closed that is alive but not yet a visible session.
-    fn still_starting(&self, pid: i32, visible: &[Session]) -> bool {
-        signal::in_process_array(pid)
-            && !visible.iter().any(|s| s.pid == pid)
-            && backends::live_session(pid).is_none()
+    /// A login admitted before the gate closed that is alive (it forgets its admission as it
+    /// exits) but not visible as a session of the database: on PG 18 it may already show in
+    /// the status array, as `starting` in no database.
+    fn still_starting(&self, login: &Admission, visible: &[Session]) -> bool {
+        GATES.share().remembers(login)
+            && !visible.iter().any(|s| s.pid == login.pid && s.backend_start == login.started)
     }
 
-    fn fail(&self, left: &[Session], starting: usize) -> ! {
+    /// Terminates a starting login, holding the gate table so the backend cannot finish exiting
+    /// (and free its PID for another process) between the check and the signal.
+    fn terminate_starting(&self, login: &Admission) -> bool {
+        let gates = GATES.share();
+        gates.remembers(login) && signal::send(login.pid, Signal::Terminate).is_ok()
+    }
+
+    fn fail(&self, left: &[Session], starting: &[Admission]) -> ! {
         let protections = &self.request.protections;
         let mut lines: Vec<String> = left
             .iter()
@@ -383,10 +419,16 @@ impl Drain {
                 format!("{}: {why}", s.describe())
             })
             .collect();
-        if starting > 0 {
-            lines.push(format!("{starting} login(s) admitted before the gate closed are still starting"));
+        for login in starting {
+            let session = starting_session(login, self.oid);
+            let why = protections.protection(&session).map_or("did not exit", |p| p.label());
+            lines.push(format!(
+                "pid {} (user {}, a login still starting up): {why}",
+                login.pid,
+                session.role.as_deref().unwrap_or("?")
+            ));
         }
-        let count = left.len() + starting;
+        let count = left.len() + starting.len();
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
             format!(
@@ -404,6 +446,27 @@ impl Drain {
         ))
         .report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
+    }
+}
+
+/// A login still starting up, as the protections see it: its role, as authenticated.
+fn starting_session(login: &Admission, database_oid: u32) -> Session {
+    let role = pg_sys::Oid::from(login.role);
+    Session {
+        pid: login.pid,
+        backend_start: login.started,
+        kind: BackendKind::Client,
+        database_oid,
+        role: backends::role_name(role),
+        application: String::new(),
+        client: None,
+        state: None,
+        state_change: 0,
+        xact_start: 0,
+        query_start: 0,
+        is_own: false,
+        is_superuser: login.superuser,
+        caller_may_signal: signal::may_signal_role(role),
     }
 }
 

@@ -10,7 +10,9 @@ use crate::policy::Micros;
 
 /// How many databases can be closed at once.
 pub const MAX_GATES: usize = 64;
-/// How many recent admissions are remembered: enough to cover every login still starting up.
+/// How many admitted logins are remembered. Each backend forgets its own admission when it exits,
+/// so every remembered one names a live process, never another that reused its PID; when more
+/// are connected, the oldest (long since started up) make room.
 pub const RECENT_ADMISSIONS: usize = 1024;
 /// A name as stored in shared memory: PostgreSQL's NAMEDATALEN, 63 bytes plus a NUL.
 pub type DbName = crate::fixed::FixedText<64>;
@@ -34,10 +36,16 @@ impl Gate {
     }
 }
 
+/// A login the gate let in, as it was at authentication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Admission {
-    pid: i32,
-    datname: DbName,
+pub struct Admission {
+    pub pid: i32,
+    /// The backend's start time: with the PID, it names one process.
+    pub started: Micros,
+    pub datname: DbName,
+    /// OID of the login's role.
+    pub role: u32,
+    pub superuser: bool,
 }
 
 /// What the authentication hook does with a login.
@@ -106,30 +114,47 @@ impl GateTable {
     }
 
     /// Decides on a login that passed authentication, counting refusals and remembering
-    /// admissions. `superuser` says whether the login's role is a superuser (only consulted when
-    /// the gate lets superusers through).
-    pub fn admit(&mut self, pid: i32, datname: &DbName, superuser: bool, now: Micros) -> Verdict {
+    /// admissions.
+    pub fn admit(&mut self, login: Admission, now: Micros) -> Verdict {
         self.expire(now);
-        if let Some(gate) = self.gates.iter_mut().flatten().find(|g| g.datname == *datname) {
-            if !(gate.allow_superusers && superuser) {
+        if let Some(gate) = self.gates.iter_mut().flatten().find(|g| g.datname == login.datname) {
+            if !(gate.allow_superusers && login.superuser) {
                 gate.refused += 1;
                 return Verdict::Refuse(*gate);
             }
         }
-        self.recent[self.next_recent] = Some(Admission { pid, datname: *datname });
-        self.next_recent = (self.next_recent + 1) % RECENT_ADMISSIONS;
+        let free = (0..RECENT_ADMISSIONS)
+            .map(|i| (self.next_recent + i) % RECENT_ADMISSIONS)
+            .find(|&i| self.recent[i].is_none())
+            .unwrap_or(self.next_recent);
+        self.recent[free] = Some(login);
+        self.next_recent = (free + 1) % RECENT_ADMISSIONS;
         self.admissions += 1;
         Verdict::Admit
+    }
+
+    /// The backend `(pid, started)` is exiting: forget its admission.
+    pub fn exited(&mut self, pid: i32, started: Micros) {
+        for slot in &mut self.recent {
+            if slot.is_some_and(|a| a.pid == pid && a.started == started) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Is this login still remembered (and so still alive)?
+    pub fn remembers(&self, login: &Admission) -> bool {
+        self.recent.iter().flatten().any(|a| a == login)
     }
 
     pub fn admissions(&self) -> u64 {
         self.admissions
     }
 
-    /// PIDs of recent logins admitted to `datname`: some may still be starting up and not yet
-    /// visible as sessions when a drain begins.
-    pub fn admitted_to(&self, datname: &DbName) -> Vec<i32> {
-        self.recent.iter().flatten().filter(|a| a.datname == *datname).map(|a| a.pid).collect()
+    /// Live logins admitted to `datname`: some may still be starting up and not yet visible as
+    /// sessions of it when a drain begins.
+    pub fn admitted_to(&self, datname: &DbName) -> Vec<Admission> {
+        self.recent.iter().flatten().filter(|a| a.datname == *datname).copied().collect()
     }
 
     fn expire(&mut self, now: Micros) {
@@ -156,15 +181,23 @@ mod tests {
         }
     }
 
+    fn login(pid: i32, db: &str, superuser: bool) -> Admission {
+        Admission { pid, started: 1000 + i64::from(pid), datname: DbName::new(db), role: 10, superuser }
+    }
+
+    fn pids(admissions: Vec<Admission>) -> Vec<i32> {
+        admissions.iter().map(|a| a.pid).collect()
+    }
+
     #[test]
     fn a_closed_database_refuses_and_counts_others_are_untouched() {
         let mut t = GateTable::default();
         t.close(gate("shop", 100), 100).unwrap();
-        assert!(matches!(t.admit(1, &DbName::new("shop"), false, 200), Verdict::Refuse(g) if g.refused == 1));
-        assert!(matches!(t.admit(2, &DbName::new("shop"), true, 200), Verdict::Refuse(g) if g.refused == 2));
-        assert_eq!(t.admit(3, &DbName::new("postgres"), false, 200), Verdict::Admit);
+        assert!(matches!(t.admit(login(1, "shop", false), 200), Verdict::Refuse(g) if g.refused == 1));
+        assert!(matches!(t.admit(login(2, "shop", true), 200), Verdict::Refuse(g) if g.refused == 2));
+        assert_eq!(t.admit(login(3, "postgres", false), 200), Verdict::Admit);
         assert_eq!(t.find(&DbName::new("shop"), 300).unwrap().refused, 2);
-        assert_eq!(t.admitted_to(&DbName::new("postgres")), vec![3]);
+        assert_eq!(pids(t.admitted_to(&DbName::new("postgres"))), vec![3]);
         assert_eq!(t.admissions(), 1, "refused logins are not admissions");
         assert!(t.admitted_to(&DbName::new("shop")).is_empty());
     }
@@ -173,28 +206,28 @@ mod tests {
     fn superusers_pass_only_when_allowed() {
         let mut t = GateTable::default();
         t.close(Gate { allow_superusers: true, ..gate("shop", 1) }, 1).unwrap();
-        assert_eq!(t.admit(1, &DbName::new("shop"), true, 2), Verdict::Admit);
-        assert!(matches!(t.admit(2, &DbName::new("shop"), false, 2), Verdict::Refuse(_)));
+        assert_eq!(t.admit(login(1, "shop", true), 2), Verdict::Admit);
+        assert!(matches!(t.admit(login(2, "shop", false), 2), Verdict::Refuse(_)));
     }
 
     #[test]
     fn reopening_and_expiry() {
         let mut t = GateTable::default();
         t.close(Gate { reopen_at: 50, ..gate("shop", 10) }, 10).unwrap();
-        assert!(matches!(t.admit(1, &DbName::new("shop"), false, 49), Verdict::Refuse(_)));
-        assert_eq!(t.admit(2, &DbName::new("shop"), false, 50), Verdict::Admit, "reopened by itself");
+        assert!(matches!(t.admit(login(1, "shop", false), 49), Verdict::Refuse(_)));
+        assert_eq!(t.admit(login(2, "shop", false), 50), Verdict::Admit, "reopened by itself");
         assert!(t.list(50).is_empty());
         t.close(gate("shop", 60), 60).unwrap();
         assert!(t.open(&DbName::new("shop"), 70).is_some());
         assert!(t.open(&DbName::new("shop"), 70).is_none(), "already open");
-        assert_eq!(t.admit(3, &DbName::new("shop"), false, 80), Verdict::Admit);
+        assert_eq!(t.admit(login(3, "shop", false), 80), Verdict::Admit);
     }
 
     #[test]
     fn closing_again_keeps_history_and_updates_options() {
         let mut t = GateTable::default();
         t.close(gate("shop", 10), 10).unwrap();
-        t.admit(1, &DbName::new("shop"), false, 11);
+        t.admit(login(1, "shop", false), 11);
         let again = t.close(Gate { allow_superusers: true, ..gate("shop", 20) }, 20).unwrap();
         assert_eq!((again.since, again.refused, again.allow_superusers), (10, 1, true));
         assert_eq!(t.list(30).len(), 1);
@@ -214,11 +247,32 @@ mod tests {
     fn admissions_ring_forgets_the_oldest() {
         let mut t = GateTable::default();
         for pid in 0..(RECENT_ADMISSIONS as i32 + 10) {
-            t.admit(pid, &DbName::new("shop"), false, 1);
+            t.admit(login(pid, "shop", false), 1);
         }
-        let pids = t.admitted_to(&DbName::new("shop"));
+        let pids = pids(t.admitted_to(&DbName::new("shop")));
         assert_eq!(pids.len(), RECENT_ADMISSIONS);
         assert!(!pids.contains(&9) && pids.contains(&10) && pids.contains(&(RECENT_ADMISSIONS as i32 + 9)));
+    }
+
+    #[test]
+    fn an_exited_login_is_forgotten_so_a_reused_pid_is_never_taken_for_it() {
+        let mut t = GateTable::default();
+        let first = login(42, "shop", false);
+        t.admit(first, 1);
+        assert!(t.remembers(&first));
+        t.exited(42, first.started + 1);
+        assert!(t.remembers(&first), "another process with the same PID exiting changes nothing");
+        t.exited(42, first.started);
+        assert!(!t.remembers(&first) && t.admitted_to(&DbName::new("shop")).is_empty());
+        let reused = Admission { started: 9999, ..login(42, "postgres", false) };
+        t.admit(reused, 2);
+        assert!(t.admitted_to(&DbName::new("shop")).is_empty(), "the new PID 42 is not a login to shop");
+        for pid in 0..RECENT_ADMISSIONS as i32 - 1 {
+            t.admit(login(1000 + pid, "shop", false), 3);
+        }
+        t.exited(1000, 1000 + 1000);
+        t.admit(login(7, "shop", false), 4);
+        assert!(t.remembers(&reused), "a slot freed by an exit is used before the oldest admission");
     }
 
     #[test]

@@ -10,10 +10,10 @@ use std::ffi::CString;
 pub static PROTECTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 /// `session_kill.protected_applications`: comma-separated `LIKE` patterns on
-/// `application_name` that are never touched. The default covers common backup tools.
-pub static PROTECTED_APPLICATIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
-    c"pg_dump,pg_dumpall,pg_restore,pg_basebackup,pg_receivewal,pgbackrest%,barman%,wal-g%,pg_probackup%",
-));
+/// `application_name` that are never touched. Empty by default: the client picks its own
+/// application_name, so any client can claim a protected name. Protect backup tools by their
+/// role (`protected_roles`) instead.
+pub static PROTECTED_APPLICATIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 /// `session_kill.idle_timeout`: the background worker terminates client sessions idle (outside a
 /// transaction) for longer than this. 0 turns it off. Unlike `idle_session_timeout`, a client
@@ -121,7 +121,7 @@ pub fn register() {
     GucRegistry::define_string_guc(
         c"session_kill.protected_applications",
         c"application_name patterns whose sessions session_kill never cancels or terminates.",
-        c"Comma-separated LIKE patterns; the default covers common backup tools.",
+        c"Comma-separated LIKE patterns. Clients choose their own application_name: protect backup tools by role instead.",
         &PROTECTED_APPLICATIONS,
         GucContext::Sighup,
         list_input(),

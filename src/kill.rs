@@ -135,6 +135,7 @@ fn kill_sessions(
             application: application_name.map(|p| or_raise(LikePattern::parse(&p))),
             client: client_addr.map(|c| or_raise(Cidr::parse(&c.0))),
             states: states.map(state_list),
+            logical_replication: false,
         },
         grace: duration_arg("grace", grace),
         wait: duration_arg("wait", wait),
@@ -177,6 +178,8 @@ pub(crate) struct Target {
     selected_idle_for: Option<Micros>,
     pub(crate) action: &'static str,
     pub(crate) outcome: Option<Outcome>,
+    /// Its audit entry, queued when the first signal was sent.
+    audit: Option<audit::Pending>,
 }
 
 impl KillRequest {
@@ -197,6 +200,7 @@ impl KillRequest {
                 backend,
                 action: "none",
                 outcome: None,
+                audit: None,
             })
             .collect();
         targets.sort_by_key(|t| t.chosen.pid);
@@ -215,13 +219,20 @@ impl KillRequest {
         let targets = self.signal_and_wait(targets);
         for t in &targets {
             let outcome = t.outcome.map_or_else(String::new, |o| o.to_string());
-            audit::record(&Act {
-                counted_as: self.mode.label(),
-                reason: self.reason.as_deref(),
-                ..Act::on(self.source, &t.backend, &t.chosen, t.action, &outcome)
-            });
+            match &t.audit {
+                Some(pending) => pending.settle(t.action, &outcome),
+                None => audit::record(&self.audit_act(t, &outcome), false),
+            }
         }
         targets
+    }
+
+    fn audit_act<'a>(&'a self, t: &'a Target, outcome: &'a str) -> Act<'a> {
+        Act {
+            counted_as: self.mode.label(),
+            reason: self.reason.as_deref(),
+            ..Act::on(self.source, &t.backend, &t.chosen, t.action, outcome)
+        }
     }
 
     fn signal_and_wait(&self, mut targets: Vec<Target>) -> Vec<Target> {
@@ -357,6 +368,9 @@ impl KillRequest {
                     t.chosen.state.map_or("unknown", State::label),
                     self.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
                 );
+                if t.audit.is_none() {
+                    t.audit = Some(audit::record_signal(&self.audit_act(t, "signalled")));
+                }
                 true
             }
             Err(SignalError::Gone) => {
@@ -448,6 +462,12 @@ pub(crate) fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
         null_argument(name, &format!("Pass a duration such as '5s', or '0' for none, as {name}."))
     });
     or_raise(crate::policy::non_negative(name, value.as_micros()))
+}
+
+/// An interval in microseconds as PostgreSQL compares intervals (30-day months, 24-hour days),
+/// saturated to 64 bits: the one conversion for rules' timeouts, on write and on load.
+pub(crate) fn interval_micros(value: Interval) -> Micros {
+    value.as_micros().clamp(i128::from(Micros::MIN), i128::from(Micros::MAX)) as Micros
 }
 
 pub(crate) fn duration(micros: Micros) -> Duration {

@@ -16,6 +16,9 @@ pub type Micros = i64;
 pub enum BackendKind {
     Client,
     Autovacuum,
+    /// A walsender connected to a database (`replication=database`, logical replication): it can
+    /// run SQL there, and `DROP DATABASE` waits for it like for a client.
+    LogicalReplication,
     Replication,
     BackgroundWorker,
     System,
@@ -339,6 +342,8 @@ pub struct Protections {
     pub applications: Vec<LikePattern>,
     /// A superuser caller asked to include superuser sessions.
     pub include_superusers: bool,
+    /// Logical replication connections count as sessions of their database (a drain).
+    pub logical_replication: bool,
 }
 
 impl Protections {
@@ -359,6 +364,7 @@ impl Protections {
                 })
                 .collect(),
             include_superusers,
+            logical_replication: false,
         }
     }
 
@@ -369,7 +375,9 @@ impl Protections {
         }
         match session.kind {
             BackendKind::Client => {}
+            BackendKind::LogicalReplication if self.logical_replication => {}
             BackendKind::Autovacuum => return Some(Protection::Autovacuum),
+            BackendKind::LogicalReplication => return Some(Protection::Replication),
             BackendKind::Replication => return Some(Protection::Replication),
             BackendKind::BackgroundWorker => return Some(Protection::BackgroundWorker),
             BackendKind::System => return Some(Protection::SystemProcess),
@@ -408,12 +416,15 @@ pub struct Filter {
     pub application: Option<LikePattern>,
     pub client: Option<Cidr>,
     pub states: Option<Vec<State>>,
+    /// Logical replication connections match too (a drain).
+    pub logical_replication: bool,
 }
 
 impl Filter {
-    /// Client sessions only: other backends are never "sessions of a database" here.
+    /// Client sessions only (and logical replication connections when asked for): other
+    /// backends are never "sessions of a database" here.
     pub fn matches(&self, s: &Session, now: Micros) -> bool {
-        s.kind == BackendKind::Client
+        (s.kind == BackendKind::Client || (s.kind == BackendKind::LogicalReplication && self.logical_replication))
             && match self.database {
                 DatabaseScope::One(oid) => s.database_oid == oid,
                 DatabaseScope::All => s.database_oid != 0,
@@ -584,6 +595,7 @@ mod tests {
             application: None,
             client: None,
             states: None,
+            logical_replication: false,
         }
     }
 
@@ -662,8 +674,11 @@ mod tests {
         assert!(with(Filter { database: DatabaseScope::All, ..filter() }));
         let local = Session { client: None, ..s.clone() };
         assert!(!Filter { client: Some(Cidr::parse("0.0.0.0/0").unwrap()), ..filter() }.matches(&local, NOW));
-        let worker = Session { kind: BackendKind::BackgroundWorker, ..s };
+        let worker = Session { kind: BackendKind::BackgroundWorker, ..s.clone() };
         assert!(!filter().matches(&worker, NOW), "only client sessions match");
+        let logical = Session { kind: BackendKind::LogicalReplication, ..s };
+        assert!(!filter().matches(&logical, NOW), "replication only when asked for");
+        assert!(Filter { logical_replication: true, ..filter() }.matches(&logical, NOW));
     }
 
     #[test]
@@ -679,6 +694,15 @@ mod tests {
         assert_eq!(
             p.protection(&Session { kind: BackendKind::Replication, ..s.clone() }),
             Some(Protection::Replication)
+        );
+        let logical = Session { kind: BackendKind::LogicalReplication, ..s.clone() };
+        assert_eq!(p.protection(&logical), Some(Protection::Replication));
+        let draining = Protections { logical_replication: true, ..p.clone() };
+        assert_eq!(draining.protection(&logical), None, "a drain ends logical replication connections");
+        assert_eq!(
+            draining.protection(&Session { kind: BackendKind::Replication, ..s.clone() }),
+            Some(Protection::Replication),
+            "never physical replication"
         );
         let su = Session { is_superuser: true, caller_may_signal: false, ..s.clone() };
         assert_eq!(p.protection(&su), Some(Protection::Superuser));

@@ -45,7 +45,7 @@ fn check_rule(
         application,
         client_addr,
         state,
-        timeout: timeout.as_micros().clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        timeout: crate::kill::interval_micros(timeout),
         action,
         grace: duration_arg("grace", Some(grace)),
         priority: 0,

@@ -88,11 +88,32 @@ pub fn worker_pid() -> i32 {
     COUNTERS.share().worker.pid
 }
 
-/// Queues an audit entry; true when the queue was empty (the worker should be woken).
-pub fn queue_audit(entry: Entry) -> bool {
+/// Queues an audit entry; returns its sequence number, and true when the queue was empty (the
+/// worker should be woken).
+pub fn queue_audit(entry: Entry) -> (u64, bool) {
     let mut queue = AUDIT.exclusive();
-    queue.push(entry);
-    queue.pending() == 1
+    let seq = queue.push(entry);
+    (seq, queue.pending() == 1)
+}
+
+/// Gives a queued signal its final outcome; false if it was settled or written already.
+pub fn settle_audit(seq: u64, action: &str, outcome: &str) -> bool {
+    AUDIT.exclusive().settle(seq, action, outcome).is_some()
+}
+
+/// Settles every queued signal of this backend as it stands; returns them.
+pub fn settle_own_audit(owner: (i32, Micros)) -> Vec<Entry> {
+    AUDIT.exclusive().settle_all(owner)
+}
+
+/// Audit entries lost since the server started (queue overflow, or nowhere to write them).
+pub fn audit_dropped() -> u64 {
+    AUDIT.share().dropped()
+}
+
+/// Counts entries that were taken but had nowhere to go.
+pub fn count_dropped_audit(n: u64) {
+    AUDIT.exclusive().count_dropped(n);
 }
 
 /// How many audit entries wait, and since when.
@@ -101,9 +122,11 @@ pub fn audit_waiting() -> (usize, Option<Micros>) {
     (queue.pending(), queue.oldest())
 }
 
-/// Every queued entry and how many were lost; empties the queue.
+/// Every settled entry (and those whose backend has exited) and how many were lost since the
+/// last take; removes them from the queue.
 pub fn take_audit() -> (Vec<Entry>, u64) {
-    AUDIT.exclusive().take()
+    // A PID stands for its backend here: after PID reuse an entry waits for the new one's exit.
+    AUDIT.exclusive().take(|(pid, _)| crate::signal::in_process_array(pid))
 }
 
 /// Puts entries that could not be written back at the head of the queue.

@@ -19,7 +19,8 @@ fn action_counts() -> TableIterator<
 
 /// The background worker's schedule (its PID, its last scan and when it plans the next one;
 /// NULL when nothing is due and it sleeps until something changes), the rules in force and
-/// the audit entries waiting for `session_kill.log`.
+/// the audit entries waiting for `session_kill.log`, and how many were lost since the server
+/// started (a full queue, or no audit table to write them to).
 #[pg_extern(volatile, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 fn worker_status() -> TableIterator<
@@ -33,6 +34,7 @@ fn worker_status() -> TableIterator<
         name!(rules_loaded_at, Option<TimestampWithTimeZone>),
         name!(rules_status, Option<String>),
         name!(audit_queued, i32),
+        name!(audit_dropped, i64),
     ),
 > {
     shmem::require_preloaded();
@@ -47,6 +49,7 @@ fn worker_status() -> TableIterator<
         kill::timestamp(sync.rules_loaded_at),
         Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
         shmem::audit_waiting().0 as i32,
+        shmem::audit_dropped() as i64,
     ))
 }
 

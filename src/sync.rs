@@ -65,7 +65,8 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
             no_rules("session_kill.database is empty: no rules table and no audit table");
             shmem::SYNC.exclusive().rules_wanted = false;
         }
-        shmem::take_audit();
+        let (dropped, _) = shmem::take_audit();
+        shmem::count_dropped_audit(dropped.len() as u64);
         return None;
     };
     if state.running_since != 0 {
@@ -90,6 +91,7 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
     let Some(oid) = database_oid(&database) else {
         no_rules(&format!("database \"{database}\" does not exist (session_kill.database)"));
         let (dropped, _) = shmem::take_audit();
+        shmem::count_dropped_audit(dropped.len() as u64);
         if !dropped.is_empty() {
             log!("session_kill: {} audit entries not written to session_kill.log: database \"{database}\" does not exist; the server log has them", dropped.len());
         }
@@ -258,61 +260,131 @@ unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
     signal::wake_worker();
 }
 
-const RULES_QUERY: &str = "
-    SELECT id, database, role, application, client_addr::text, state,
-           (extract(epoch FROM timeout) * 1000000)::int8, action,
-           (extract(epoch FROM grace) * 1000000)::int8, priority
-    FROM session_kill.rules
-    WHERE enabled
-    ORDER BY priority DESC, id";
+/// The installed extension in the sync's database, read from the catalogs alone: its owner, and
+/// its schema-qualified member tables. Nothing else is ever read or written by the sync, so a
+/// table, view or trigger that someone else created under the same names is never touched.
+const EXTENSION_QUERY: &str = "
+    SELECT e.extowner,
+           (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+              FROM pg_catalog.pg_depend d
+              JOIN pg_catalog.pg_class c ON c.oid = d.objid
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+               AND d.refobjid = e.oid AND d.deptype = 'e'
+               AND c.relnamespace = e.extnamespace AND c.relkind = 'r' AND c.relname = 'rules'),
+           (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+              FROM pg_catalog.pg_depend d
+              JOIN pg_catalog.pg_class c ON c.oid = d.objid
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+               AND d.refobjid = e.oid AND d.deptype = 'e'
+               AND c.relnamespace = e.extnamespace AND c.relkind = 'r' AND c.relname = 'log')
+      FROM pg_catalog.pg_extension e
+      JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'session_kill'";
 
-/// Runs `body` in a transaction of its own that resolves names in pg_catalog only (the sync runs
-/// as a superuser in a database others may create objects in) and cannot hang on a lock or a
-/// slow statement.
-fn guarded<R>(body: impl FnOnce() -> R) -> Result<R, String> {
-    in_transaction(|| {
-        Spi::run(
-            "SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '20s'",
-        )
-        .expect("SET LOCAL of built-in settings succeeds");
-        body()
+/// What the sync may touch in its database.
+struct Installed {
+    owner: pg_sys::Oid,
+    /// The member tables, schema-qualified and quoted; `None` if the extension lacks one.
+    rules: Option<String>,
+    log: Option<String>,
+}
+
+fn installed() -> Result<Option<Installed>, pgrx::spi::Error> {
+    Spi::connect(|client| {
+        let rows = client.select(EXTENSION_QUERY, Some(1), &[])?;
+        let Some(row) = rows.into_iter().next() else { return Ok(None) };
+        let Some(owner) = row.get::<pg_sys::Oid>(1)? else { return Ok(None) };
+        Ok(Some(Installed { owner, rules: row.get(2)?, log: row.get(3)? }))
     })
 }
 
-/// Reads the enabled rules and publishes the valid ones. A missing table means no rules; an
-/// unreadable one (altered columns, say) keeps the rules in force and says why.
+/// Why the sync found nothing to work with, or what went wrong.
+enum SyncError {
+    NotInstalled,
+    Failed(String),
+}
+
+impl From<pgrx::spi::Error> for SyncError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        SyncError::Failed(e.to_string())
+    }
+}
+
+/// Runs `body` in a transaction of its own, as the extension's owner with the restrictions
+/// PostgreSQL puts on maintenance commands (so a trigger on a member table runs with no more
+/// rights than that owner has), resolving names in pg_catalog only, and unable to hang on a lock
+/// or a slow statement. Without the extension in the database, `body` does not run.
+fn as_extension_owner<R>(
+    body: impl FnOnce(&Installed) -> Result<R, pgrx::spi::Error>,
+) -> Result<R, SyncError> {
+    let result = in_transaction(|| -> Result<R, SyncError> {
+        Spi::run(
+            "SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '20s'",
+        )?;
+        let installed = installed()?.ok_or(SyncError::NotInstalled)?;
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        // SAFETY: switching the current user inside a transaction, as VACUUM and REFRESH
+        // MATERIALIZED VIEW do; restored below, and by the transaction's abort on an error.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                installed.owner,
+                context
+                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        let result = body(&installed);
+        // SAFETY: restores what was saved above.
+        unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+        Ok(result?)
+    });
+    result.unwrap_or_else(|message| Err(SyncError::Failed(message)))
+}
+
+/// Reads the enabled rules and publishes the valid ones. No extension or no rules table means
+/// no rules; an unreadable table (altered columns, say) keeps the rules in force and says why.
 fn load_rules() {
     let database = gucs::database().unwrap_or_default();
-    let read = guarded(|| {
-        if !table_exists("session_kill.rules") {
-            return None;
-        }
-        Some(Spi::connect(|client| {
-            client.select(RULES_QUERY, None, &[]).map(|rows| {
-                rows.map(|row| {
-                    Ok::<_, pgrx::spi::Error>(RuleRow {
+    let read = as_extension_owner(|installed| {
+        let Some(table) = &installed.rules else { return Ok(None) };
+        let query = format!(
+            "SELECT id, database, role, application, client_addr::text, state, timeout, action, grace, priority
+               FROM {table} WHERE enabled ORDER BY priority DESC, id"
+        );
+        Spi::connect(|client| {
+            client
+                .select(&query, None, &[])?
+                .map(|row| {
+                    Ok(RuleRow {
                         id: row.get(1)?.unwrap_or_default(),
                         database: row.get(2)?.unwrap_or_default(),
                         role: row.get(3)?.unwrap_or_default(),
                         application: row.get(4)?.unwrap_or_default(),
                         client_addr: row.get(5)?,
                         state: row.get(6)?.unwrap_or_default(),
-                        timeout: row.get(7)?.unwrap_or_default(),
+                        timeout: row.get::<Interval>(7)?.map_or(0, kill::interval_micros),
                         action: row.get(8)?.unwrap_or_default(),
-                        grace: row.get(9)?.unwrap_or_default(),
+                        grace: row.get::<Interval>(9)?.map_or(0, kill::interval_micros),
                         priority: row.get(10)?.unwrap_or_default(),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
-            })
-        }))
+                .map(Some)
+        })
     });
     match read {
+        Ok(Some(rows)) => publish(rows, &database),
         Ok(None) => no_rules(&format!("no table session_kill.rules in database \"{database}\"")),
-        Ok(Some(Ok(Ok(rows)))) => publish(rows, &database),
-        Ok(Some(Err(e) | Ok(Err(e)))) => keep_rules(&database, &e.to_string()),
-        Err(message) => keep_rules(&database, &message),
+        Err(SyncError::NotInstalled) => no_rules(&not_installed(&database)),
+        Err(SyncError::Failed(why)) => keep_rules(&database, &why),
     }
+}
+
+fn not_installed(database: &str) -> String {
+    format!("extension session_kill is not installed in database \"{database}\" (session_kill.database): no rules table and no audit table")
 }
 
 fn keep_rules(database: &str, why: &str) {
@@ -346,22 +418,17 @@ fn publish(rows: Vec<RuleRow>, database: &str) {
     }
 }
 
-fn table_exists(name: &str) -> bool {
-    Spi::get_one_with_args::<bool>("SELECT to_regclass($1) IS NOT NULL", &[name.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
+/// Follows `INSERT INTO <the member table>`.
 const INSERT_LOG: &str = "
-    INSERT INTO session_kill.log (acted_at, source, rule, reason, actor, pid, database, role,
+    (acted_at, source, rule, reason, actor, pid, database, role,
                                   application, client_addr, state, idle_for, query, action, outcome)
     SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::int[], $7::name[], $8::name[], $9::text[], $10::text[]::inet[],
                          $11::text[], $12::interval[], $13::text[], $14::text[], $15::text[])";
 
 /// Writes the queued entries into `session_kill.log` and deletes rows past the retention. If the
-/// write fails, the entries go back to the queue and the sync counts as failed (so it backs off).
+/// write fails, the entries go back to the queue and the sync counts as failed (so it backs off);
+/// with no audit table to write to, they are dropped and counted.
 fn write_audit() -> bool {
     let (entries, lost) = shmem::take_audit();
     UNWRITTEN.set(entries.clone());
@@ -369,36 +436,35 @@ fn write_audit() -> bool {
         warning!("session_kill: {lost} audit entries were dropped because the queue was full; the server log has them");
     }
     let retention = gucs::LOG_RETENTION.get();
-    let written = guarded(|| {
-        if !table_exists("session_kill.log") {
-            return Ok(false);
-        }
+    let written = as_extension_owner(|installed| {
+        let Some(table) = &installed.log else { return Ok(false) };
         if retention > 0 && !entries.is_empty() {
-            Spi::run_with_args(INSERT_LOG, &columns(&entries))?;
+            Spi::run_with_args(&format!("INSERT INTO {table} {INSERT_LOG}"), &columns(&entries))?;
         }
         let cutoff = kill::timestamp(backends::now() - i64::from(retention) * SECOND);
-        Spi::run_with_args("DELETE FROM session_kill.log WHERE acted_at < $1", &[cutoff.into()])?;
-        Ok::<_, pgrx::spi::Error>(true)
+        Spi::run_with_args(&format!("DELETE FROM {table} WHERE acted_at < $1"), &[cutoff.into()])?;
+        Ok(true)
     });
     let database = gucs::database().unwrap_or_default();
     let entries = UNWRITTEN.take();
-    let error = match written {
-        Ok(Ok(true)) => return true,
-        Ok(Ok(false)) => {
-            if !entries.is_empty() {
-                log!("session_kill: {} audit entries not written: no table session_kill.log in database \"{database}\"; the server log has them", entries.len());
-            }
-            return true;
+    let nowhere = match written {
+        Ok(true) => return true,
+        Ok(false) => format!("no table session_kill.log in database \"{database}\""),
+        Err(SyncError::NotInstalled) => not_installed(&database),
+        Err(SyncError::Failed(error)) => {
+            warning!(
+                "session_kill: could not write {} entries to session_kill.log in database \"{database}\": {error}",
+                entries.len()
+            );
+            shmem::requeue_audit(&entries);
+            return false;
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(message) => message,
     };
-    warning!(
-        "session_kill: could not write {} entries to session_kill.log in database \"{database}\": {error}",
-        entries.len()
-    );
-    shmem::requeue_audit(&entries);
-    false
+    if !entries.is_empty() {
+        shmem::count_dropped_audit(entries.len() as u64);
+        log!("session_kill: {} audit entries not written: {nowhere}; the server log has them", entries.len());
+    }
+    true
 }
 
 /// The entries as one array per column of `session_kill.log`.

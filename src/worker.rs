@@ -314,12 +314,13 @@ impl Worker {
                 }
             }
         };
+        let sent = matches!(outcome, Outcome::Terminated | Outcome::Cancelled);
         let outcome = outcome.to_string();
         audit::record(&Act {
             counted_as: rule,
             rule: Some(rule),
             reason: Some(why),
             ..Act::on(Source::Worker, b, s, action, &outcome)
-        });
+        }, sent);
     }
 }

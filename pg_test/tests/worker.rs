@@ -25,27 +25,30 @@ fn logged(s: &Server, text: &str) -> bool {
 
 #[test]
 fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
-    let s = Server::start(&["session_kill.idle_timeout = '1s'"]);
+    let s = Server::start(&["session_kill.idle_timeout = '1s'", &format!("session_kill.protected_roles = '{OTHER}'")]);
     let mut idle = Session::idle(s.connect("postgres", APP));
     let mut opted_out = Session::idle(s.connect("postgres", APP));
     opted_out.client.batch_execute("SET idle_session_timeout = 0").unwrap();
     let mut superuser = Session::idle(s.connect("postgres", SUPER));
-    let mut dump_cfg = s.config("postgres", APP);
+    let mut dump_cfg = s.config("postgres", OTHER);
     dump_cfg.application_name("pg_dump");
     let mut backup = Session::idle(dump_cfg.connect(postgres::NoTls).unwrap());
+    let mut impostor = Session::idle(dump_cfg.user(APP).connect(postgres::NoTls).unwrap());
     let mut in_tx = Session::idle_in_transaction(s.connect("postgres", APP));
     let active = ActiveSession::start(&s, s.connect("postgres", APP), 2);
 
     s.wait_until_gone(idle.pid);
     s.wait_until_gone(opted_out.pid);
+    s.wait_until_gone(impostor.pid);
 
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
+    assert_ended_by_admin_on(&s, impostor.pid, impostor.probe());
     assert_ended_by_admin_on(&s, opted_out.pid, opted_out.probe());
     assert!(logged(&s, &format!("session_kill: terminated pid {} (user app", opted_out.pid)));
     assert!(logged(&s, "state idle): session_kill.idle_timeout exceeded by"));
     assert_eq!(active.finish().0, Ok(()), "a running query is not idle, however long it runs");
     assert_eq!(superuser.probe(), ClientView::Alive, "superusers are protected");
-    assert_eq!(backup.probe(), ClientView::Alive, "backup tools are protected");
+    assert_eq!(backup.probe(), ClientView::Alive, "a backup tool's role is protected");
     assert_eq!(in_tx.probe(), ClientView::Alive, "idle_timeout does not cover transactions");
 
     let mut admin = s.admin();
@@ -57,7 +60,7 @@ fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(counted, 2, "both ended sessions are counted");
+    assert_eq!(counted, 3, "every ended session is counted");
     let scheduled: bool = admin
         .query_one(
             "SELECT pid = (SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker')
