@@ -36,7 +36,9 @@ install_extension() {
   local pg_config=$1 staging file
   shift
   staging=$(mktemp -d)
-  cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >/dev/null
+  cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >"$staging.log" 2>&1 ||
+    { cat "$staging.log" >&2; rm -rf "$staging" "$staging.log"; return 1; }
+  rm -f "$staging.log"
   while IFS= read -r -d '' file; do
     file=${file#"$staging"}
     mkdir -p "$(dirname "$file")"

@@ -4,11 +4,13 @@
 use crate::audit::{self, Act};
 use crate::backends;
 use crate::counters::Source;
-use crate::errors::{null_argument, raise};
+use crate::errors::{null_argument, raise, sql_literal};
 use crate::gate::{Admission, DbName, Gate, GateError, Verdict};
 use crate::gucs;
 use crate::kill::{self, KillRequest, Target};
-use crate::policy::{BackendKind, DatabaseScope, Filter, Micros, Mode, Outcome, Protections, Session};
+use crate::policy::{
+    escape, BackendKind, DatabaseScope, Filter, Micros, Mode, Outcome, Protections, Session,
+};
 use crate::shmem::{require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
@@ -75,8 +77,8 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             )
             .set_detail(gate_detail(&gate))
             .set_hint(format!(
-                "New connections are refused until SELECT session_kill.undrain_database('{}') reopens it.",
-                datname.as_str()
+                "New connections are refused until SELECT session_kill.undrain_database({}) reopens it.",
+                sql_literal(datname.as_str())
             ))
             .report(PgLogLevel::FATAL);
         }
@@ -183,7 +185,7 @@ fn undrain_database(db: Option<Name>) -> bool {
         );
     }
     GATES.exclusive().open(&name, now);
-    log!("session_kill: reopened database \"{db}\" to new connections");
+    log!("session_kill: reopened database \"{}\" to new connections", escape(&db));
     true
 }
 
@@ -288,7 +290,7 @@ impl Drain {
                 "Reopen some with session_kill.undrain_database(); session_kill.drains() lists them.",
             );
         }
-        log!("session_kill: closed database \"{}\" to new connections", self.db);
+        log!("session_kill: closed database \"{}\" to new connections", escape(&self.db));
         let admitted = GATES.share().admitted_to(&self.name);
 
         let first = self.request.select();
@@ -318,7 +320,11 @@ impl Drain {
                 {
                     continue;
                 }
-                log!("session_kill: sent terminate to pid {} (a login to database {} still starting up)", login.pid, self.db);
+                log!(
+                    "session_kill: sent terminate to pid {} (a login to database {} still starting up)",
+                    login.pid,
+                    escape(&self.db)
+                );
                 audit::record(
                     &Act {
                         source: Source::DrainDatabase,
@@ -356,7 +362,7 @@ impl Drain {
         }
         log!(
             "session_kill: drained database \"{}\" in {:.3} s: {} sessions at start, {} cancelled, {} terminated, {} logins refused",
-            self.db,
+            escape(&self.db),
             self.started.elapsed().as_secs_f64(),
             at_start,
             totals.0,
@@ -441,8 +447,8 @@ impl Drain {
         )
         .set_detail(format!("Remaining: {}.", lines.join("; ")))
         .set_hint(format!(
-            "The database stays closed to new connections. End the remaining sessions and drain again, or reopen it with SELECT session_kill.undrain_database('{}').",
-            self.db
+            "The database stays closed to new connections. End the remaining sessions and drain again, or reopen it with SELECT session_kill.undrain_database({}).",
+            sql_literal(&self.db)
         ))
         .report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")

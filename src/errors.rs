@@ -20,3 +20,8 @@ pub fn null_argument(name: &str, hint: &str) -> ! {
 pub fn or_raise<T>(result: Result<T, InputError>) -> T {
     result.unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.message, e.hint))
 }
+
+/// `text` as a SQL string literal (`'it''s'`), for hints a user may copy and paste.
+pub fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

@@ -13,7 +13,8 @@ pub static PROTECTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CS
 /// `application_name` that are never touched. Empty by default: the client picks its own
 /// application_name, so any client can claim a protected name. Protect backup tools by their
 /// role (`protected_roles`) instead.
-pub static PROTECTED_APPLICATIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static PROTECTED_APPLICATIONS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
 
 /// `session_kill.idle_timeout`: the background worker terminates client sessions idle (outside a
 /// transaction) for longer than this. 0 turns it off. Unlike `idle_session_timeout`, a client

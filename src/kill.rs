@@ -7,7 +7,7 @@ use crate::counters::Source;
 use crate::errors::{null_argument, or_raise, raise};
 use crate::gucs;
 use crate::policy::{
-    query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
+    escape, query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
     Protections, Recheck, Session, State,
 };
 use crate::signal::{self, Signal, SignalError};
@@ -88,14 +88,14 @@ fn kill_sessions(
     mode: default!(Option<String>, "'terminate'"),
     min_idle: default!(Option<Interval>, "'0'"),
     usename: default!(Option<Name>, "NULL"),
-    application_name: default!(Option<String>, "NULL"),
+    application_name: default!(Option<&str>, "NULL"),
     client_addr: default!(Option<sqltypes::Cidr>, "NULL"),
     states: default!(Option<Vec<Option<String>>>, "NULL"),
     grace: default!(Option<Interval>, "'5s'"),
     wait: default!(Option<Interval>, "'10s'"),
     include_superusers: default!(Option<bool>, "false"),
     all_databases: default!(Option<bool>, "false"),
-    reason: default!(Option<String>, "NULL"),
+    reason: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -132,7 +132,9 @@ fn kill_sessions(
             database,
             min_idle: duration_arg("min_idle", min_idle),
             role: usename.map(|name| existing_role(name.0)),
-            application: application_name.map(|p| or_raise(LikePattern::parse(&p))),
+            application: application_name.map(|p| {
+                or_raise(LikePattern::parse(bounded("application_name pattern", p, MAX_FILTER_PATTERN)))
+            }),
             client: client_addr.map(|c| or_raise(Cidr::parse(&c.0))),
             states: states.map(state_list),
             logical_replication: false,
@@ -140,7 +142,7 @@ fn kill_sessions(
         grace: duration_arg("grace", grace),
         wait: duration_arg("wait", wait),
         protections: configured_protections(superuser_choice(include_superusers)),
-        reason,
+        reason: reason.map(|r| bounded("reason", r, MAX_REASON).to_owned()),
     };
     let targets = request.execute();
     TableIterator::new(targets.into_iter().map(|t| {
@@ -190,9 +192,10 @@ impl KillRequest {
     /// The matching sessions, with protected ones (and, in dry run, all) already decided.
     pub(crate) fn select(&self) -> Vec<Target> {
         let now = backends::now();
+        let hidden = self.filter.uses_hidden_facts();
         let mut targets: Vec<Target> = backends::snapshot()
             .into_iter()
-            .filter(|b| self.filter.matches(&b.session, now))
+            .filter(|b| self.filter.matches(&b.session, now) && (b.visible || !hidden))
             .map(|backend| Target {
                 chosen: backend.session.clone(),
                 selected_state: backend.session.state,
@@ -362,11 +365,11 @@ impl KillRequest {
                     "session_kill: sent {} to pid {} (database {}, user {}, application \"{}\", state {}){}",
                     t.action,
                     pid,
-                    t.backend.datname.as_deref().unwrap_or("?"),
-                    t.chosen.role.as_deref().unwrap_or("?"),
-                    t.chosen.application,
+                    escape(t.backend.datname.as_deref().unwrap_or("?")),
+                    escape(t.chosen.role.as_deref().unwrap_or("?")),
+                    escape(&t.chosen.application),
                     t.chosen.state.map_or("unknown", State::label),
-                    self.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+                    self.reason.as_deref().map(|r| format!(": {}", escape(r))).unwrap_or_default(),
                 );
                 if t.audit.is_none() {
                     t.audit = Some(audit::record_signal(&self.audit_act(t, "signalled")));
@@ -446,10 +449,33 @@ fn existing_role(name: String) -> String {
     name
 }
 
+/// Caller text is checked for length before it is parsed, matched or copied.
+const MAX_FILTER_PATTERN: usize = 256;
+const MAX_REASON: usize = 1024;
+const MAX_STATES: usize = 64;
+
+fn bounded<'a>(what: &str, text: &'a str, max: usize) -> &'a str {
+    if text.len() > max {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} is too long"),
+            format!("Give at most {max} bytes."),
+        );
+    }
+    text
+}
+
 fn state_list(states: Vec<Option<String>>) -> Vec<State> {
     let hint = format!("Valid states are: {}.", State::ALL.map(State::label).join(", "));
     if states.is_empty() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "states must not be empty", hint);
+    }
+    if states.len() > MAX_STATES {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "too many states",
+            format!("Give at most {MAX_STATES} states. {hint}"),
+        );
     }
     states
         .into_iter()

@@ -291,8 +291,8 @@ impl Session {
         format!(
             "pid {} (user {}, application \"{}\", state {})",
             self.pid,
-            self.role.as_deref().unwrap_or("?"),
-            self.application,
+            escape(self.role.as_deref().unwrap_or("?")),
+            escape(&self.application),
             self.state.map_or("unknown", State::label)
         )
     }
@@ -301,6 +301,24 @@ impl Session {
     pub fn same_backend(&self, other: &Session) -> bool {
         self.pid == other.pid && self.backend_start == other.backend_start
     }
+}
+
+/// Text from users (names, reasons) made safe for a log line: control characters are written as
+/// escapes (`\n`, `\x1b`), so nobody can start a forged line.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\n' => "\\n".to_owned(),
+            '\r' => "\\r".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if c.is_control() => format!("\\x{:02x}", u32::from(c)),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Why a session is not acted on.
@@ -424,7 +442,8 @@ impl Filter {
     /// Client sessions only (and logical replication connections when asked for): other
     /// backends are never "sessions of a database" here.
     pub fn matches(&self, s: &Session, now: Micros) -> bool {
-        (s.kind == BackendKind::Client || (s.kind == BackendKind::LogicalReplication && self.logical_replication))
+        (s.kind == BackendKind::Client
+            || (s.kind == BackendKind::LogicalReplication && self.logical_replication))
             && match self.database {
                 DatabaseScope::One(oid) => s.database_oid == oid,
                 DatabaseScope::All => s.database_oid != 0,
@@ -434,6 +453,13 @@ impl Filter {
             && self.application.as_ref().is_none_or(|p| p.matches(&s.application))
             && self.client.as_ref().is_none_or(|c| s.client.is_some_and(|a| c.contains(a)))
             && self.states.as_ref().is_none_or(|st| s.state.is_some_and(|x| st.contains(&x)))
+    }
+
+    /// The filter looks at what `pg_stat_activity` hides from callers without the privileges of
+    /// a session's role (its state, idle time, client address): such a filter must not match a
+    /// session the caller may not see, or a dry run would reveal those facts.
+    pub fn uses_hidden_facts(&self) -> bool {
+        self.min_idle > 0 || self.client.is_some() || self.states.is_some()
     }
 
     /// Just before signalling: is this still the session that was chosen, and does it still match?
@@ -753,6 +779,23 @@ mod tests {
         let active = client(1, State::Active, 20);
         assert_eq!(active.idle_for(NOW), None);
         assert_eq!(active.xact_age(NOW), None);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_logs() {
+        assert_eq!(escape("shop"), "shop");
+        assert_eq!(escape("a\nFATAL: b\r\t\u{1b}"), "a\\nFATAL: b\\r\\t\\x1b");
+        let forged = Session { role: Some("x\nLOG: y".into()), ..client(1, State::Idle, 1) };
+        assert!(!forged.describe().contains('\n'));
+    }
+
+    #[test]
+    fn filters_on_hidden_facts_are_known() {
+        assert!(!filter().uses_hidden_facts());
+        assert!(Filter { min_idle: 1, ..filter() }.uses_hidden_facts());
+        assert!(Filter { states: Some(vec![State::Idle]), ..filter() }.uses_hidden_facts());
+        assert!(Filter { client: Some(Cidr::parse("10.0.0.0/8").unwrap()), ..filter() }.uses_hidden_facts());
+        assert!(!Filter { role: Some("app".into()), ..filter() }.uses_hidden_facts());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! notification that makes a committed change (or the table's drop) reach the worker, and so
 //! every open session, without a reload.
 
-use crate::errors::or_raise;
+use crate::errors::{or_raise, raise};
 use crate::kill::duration_arg;
-use crate::rules::{Rule, RuleRow};
+use crate::rules::{Rule, RuleRow, MAX_PATTERN_LEN};
 use crate::{gucs, sync};
 use pgrx::datum::Interval;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -17,13 +17,13 @@ use std::cell::Cell;
 #[pg_extern(stable, parallel_safe)]
 #[allow(clippy::too_many_arguments)]
 fn check_rule(
-    database: Option<String>,
-    role: Option<String>,
-    application: Option<String>,
-    client_addr: Option<String>,
-    state: Option<String>,
+    database: Option<&str>,
+    role: Option<&str>,
+    application: Option<&str>,
+    client_addr: Option<&str>,
+    state: Option<&str>,
     timeout: Option<Interval>,
-    action: Option<String>,
+    action: Option<&str>,
     grace: Option<Interval>,
 ) {
     let (
@@ -38,19 +38,31 @@ fn check_rule(
     else {
         return;
     };
+    // Lengths are checked before anything is copied: a row may carry megabytes of text.
     let row = RuleRow {
         id: 0,
-        database,
-        role,
-        application,
-        client_addr,
-        state,
+        database: bounded("database pattern", database),
+        role: bounded("role pattern", role),
+        application: bounded("application pattern", application),
+        client_addr: client_addr.map(|c| c.to_owned()),
+        state: bounded("state", state),
         timeout: crate::kill::interval_micros(timeout),
-        action,
+        action: bounded("action", action),
         grace: duration_arg("grace", Some(grace)),
         priority: 0,
     };
     or_raise(Rule::from_row(&row));
+}
+
+fn bounded(column: &str, text: &str) -> String {
+    if text.len() > MAX_PATTERN_LEN {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{column} is too long"),
+            format!("Rules' text columns hold at most {MAX_PATTERN_LEN} bytes, like PostgreSQL names."),
+        );
+    }
+    text.to_owned()
 }
 
 thread_local! {

@@ -316,11 +316,14 @@ impl Worker {
         };
         let sent = matches!(outcome, Outcome::Terminated | Outcome::Cancelled);
         let outcome = outcome.to_string();
-        audit::record(&Act {
-            counted_as: rule,
-            rule: Some(rule),
-            reason: Some(why),
-            ..Act::on(Source::Worker, b, s, action, &outcome)
-        }, sent);
+        audit::record(
+            &Act {
+                counted_as: rule,
+                rule: Some(rule),
+                reason: Some(why),
+                ..Act::on(Source::Worker, b, s, action, &outcome)
+            },
+            sent,
+        );
     }
 }

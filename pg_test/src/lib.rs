@@ -10,7 +10,7 @@ pub mod stats;
 use postgres::{Client, Config, NoTls};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,16 @@ pub struct Server {
     pub bindir: PathBuf,
     pub datadir: PathBuf,
     pub port: u16,
+    /// One admin connection for the harness's polling, so probes do not log in every 10 ms
+    /// (logins would count against the pressure reaper's threshold and wake the worker).
+    probe: Mutex<Option<Client>>,
+}
+
+/// A test that fails half-way leaves no postmaster behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -33,7 +43,7 @@ static SERVER: OnceLock<Server> = OnceLock::new();
 /// The shared server of this test binary, started on first use and stopped at exit.
 pub fn server() -> &'static Server {
     SERVER.get_or_init(|| {
-        let server = Server::start(&["max_connections = 400"]);
+        let server = Server::start(&["max_connections = 400", "log_connections = on"]);
         extern "C" fn stop_at_exit() {
             if let Some(s) = SERVER.get() {
                 s.stop();
@@ -84,7 +94,7 @@ impl Server {
         run_checked(
             Command::new("chown").args(["postgres:", path_str(&datadir.join("postgresql.auto.conf"))]),
         );
-        let server = Server { bindir, datadir, port };
+        let server = Server { bindir, datadir, port, probe: Mutex::new(None) };
         server.pg_ctl(&["-w", "-t", "60", "-l", path_str(&server.log_path()), "start"]);
         server.bootstrap();
         server
@@ -171,20 +181,23 @@ impl Server {
         cmd
     }
 
+    /// Runs a one-row query on the harness's shared admin connection (reconnecting if needed).
+    pub fn probe_one(&self, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> postgres::Row {
+        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        if probe.as_mut().is_none_or(|c| c.is_valid(Duration::from_secs(5)).is_err()) {
+            *probe = Some(self.admin());
+        }
+        let client = probe.as_mut().expect("connected above");
+        client.query_one(sql, params).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     pub fn database_exists(&self, db: &str) -> bool {
-        self.admin()
-            .query_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", &[&db])
-            .unwrap()
-            .get(0)
+        self.probe_one("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", &[&db]).get(0)
     }
 
     /// The backend is still in pg_stat_activity.
     pub fn alive(&self, pid: i32) -> bool {
-        self.admin()
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
+        self.probe_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).get::<_, i64>(0) == 1
     }
 
     /// Waits (up to 20 s) until the backend has left pg_stat_activity.
@@ -194,13 +207,11 @@ impl Server {
 
     /// The number of client sessions connected to `db`, read from pg_stat_activity.
     pub fn sessions_in(&self, db: &str) -> i64 {
-        self.admin()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
-                &[&db],
-            )
-            .unwrap()
-            .get(0)
+        self.probe_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+            &[&db],
+        )
+        .get(0)
     }
 }
 
@@ -252,12 +263,22 @@ impl ActiveSession {
                 client.batch_execute(&format!("SELECT pg_sleep({secs})")).map_err(|e| error_code(&e));
             (client, result)
         });
-        wait_for(Duration::from_secs(10), || {
+        ActiveSession::from_parts(server, pid, handle)
+    }
+
+    /// A session of `pid` whose statement runs in `handle`; returns once it shows as active.
+    pub fn from_parts(
+        server: &Server,
+        pid: i32,
+        handle: JoinHandle<(Client, Result<(), String>)>,
+    ) -> ActiveSession {
+        wait_for_described(Duration::from_secs(10), "the session shows as active", || {
             server
-                .admin()
-                .query_one("SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1", &[&pid])
-                .map(|r| r.get::<_, Option<bool>>(0) == Some(true))
-                .unwrap_or(false)
+                .probe_one(
+                    "SELECT coalesce(bool_or(state = 'active'), false) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .get::<_, bool>(0)
         });
         ActiveSession { pid, handle }
     }
@@ -289,11 +310,18 @@ pub fn error_code(e: &postgres::Error) -> String {
     }
 }
 
-/// Polls `done` every 10 ms until true; panics after `timeout`.
-pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) {
+/// Polls `done` every 10 ms until true; panics after `timeout`, at the caller's line.
+#[track_caller]
+pub fn wait_for(timeout: Duration, done: impl FnMut() -> bool) {
+    wait_for_described(timeout, "condition", done)
+}
+
+/// `wait_for`, saying what was waited for when it times out.
+#[track_caller]
+pub fn wait_for_described(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < timeout, "condition not reached within {timeout:?}");
+        assert!(start.elapsed() < timeout, "{what}: not reached within {timeout:?}");
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -420,7 +448,7 @@ impl Server {
         let mut text = std::fs::read_to_string(&auto_conf).unwrap();
         text.push_str(&(conf.join("\n") + "\n"));
         std::fs::write(&auto_conf, text).unwrap();
-        let standby = Server { bindir: self.bindir.clone(), datadir, port };
+        let standby = Server { bindir: self.bindir.clone(), datadir, port, probe: Mutex::new(None) };
         standby.pg_ctl(&["-w", "-t", "60", "-l", path_str(&standby.log_path()), "start"]);
         standby
     }

@@ -25,7 +25,10 @@ fn logged(s: &Server, text: &str) -> bool {
 
 #[test]
 fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
-    let s = Server::start(&["session_kill.idle_timeout = '1s'", &format!("session_kill.protected_roles = '{OTHER}'")]);
+    let s = Server::start(&[
+        "session_kill.idle_timeout = '1s'",
+        &format!("session_kill.protected_roles = '{OTHER}'"),
+    ]);
     let mut idle = Session::idle(s.connect("postgres", APP));
     let mut opted_out = Session::idle(s.connect("postgres", APP));
     opted_out.client.batch_execute("SET idle_session_timeout = 0").unwrap();
