@@ -265,23 +265,18 @@ unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
 /// table, view or trigger that someone else created under the same names is never touched.
 const EXTENSION_QUERY: &str = "
     SELECT e.extowner,
-           (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
-              FROM pg_catalog.pg_depend d
-              JOIN pg_catalog.pg_class c ON c.oid = d.objid
-             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
-               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
-               AND d.refobjid = e.oid AND d.deptype = 'e'
-               AND c.relnamespace = e.extnamespace AND c.relkind = 'r' AND c.relname = 'rules'),
-           (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
-              FROM pg_catalog.pg_depend d
-              JOIN pg_catalog.pg_class c ON c.oid = d.objid
-             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
-               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
-               AND d.refobjid = e.oid AND d.deptype = 'e'
-               AND c.relnamespace = e.extnamespace AND c.relkind = 'r' AND c.relname = 'log')
+           pg_catalog.max(pg_catalog.format('%I.%I', n.nspname, c.relname)) FILTER (WHERE c.relname = 'rules'),
+           pg_catalog.max(pg_catalog.format('%I.%I', n.nspname, c.relname)) FILTER (WHERE c.relname = 'log')
       FROM pg_catalog.pg_extension e
       JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-     WHERE e.extname = 'session_kill'";
+      LEFT JOIN pg_catalog.pg_depend d
+        ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+       AND d.refobjid = e.oid AND d.deptype = 'e'
+      LEFT JOIN pg_catalog.pg_class c
+        ON c.oid = d.objid AND c.relnamespace = e.extnamespace AND c.relkind = 'r'
+     WHERE e.extname = 'session_kill'
+     GROUP BY e.extowner";
 
 /// What the sync may touch in its database.
 struct Installed {
