@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 mod audit;
 mod backends;
+mod clock;
 mod counters;
 mod drain;
 mod errors;

@@ -9,6 +9,7 @@
 
 use crate::audit::{self, Act};
 use crate::backends::{self, Backend};
+use crate::clock::StepSafeClock;
 use crate::counters::Source;
 use crate::gucs;
 use crate::kill;
@@ -22,7 +23,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const NAME: &str = "session_kill worker";
 
@@ -66,14 +67,14 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
             }
             Err(message) => {
                 warning!("session_kill worker: scan failed, retrying in {} s: {message}", backoff.as_secs());
-                let retry = backends::now() + backoff.as_micros() as Micros;
+                let retry = worker.now() + backoff.as_micros() as Micros;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 Some(retry)
             }
         };
         // SAFETY: MyProcPid is set for the life of the process.
         shmem::worker_scanned(unsafe { pg_sys::MyProcPid }, backends::now(), next);
-        if !BackgroundWorker::wait_latch(next.map(until)) {
+        if !BackgroundWorker::wait_latch(next.map(|at| worker.until(at))) {
             break;
         }
     }
@@ -109,13 +110,6 @@ pub(crate) fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, String> {
         .execute()
 }
 
-/// From now until `at`, rounded up to whole milliseconds (the latch's resolution) so the worker
-/// never wakes just before a deadline.
-fn until(at: Micros) -> Duration {
-    let micros = (at - backends::now()).max(0) as u64;
-    Duration::from_millis(micros.div_ceil(1000))
-}
-
 /// With the pressure reaper on, every admitted login wakes the worker. A login becomes visible
 /// in the backend status array a little after it is admitted, so while the logins not yet known
 /// to be counted could push the sessions over the threshold, the worker counts again every
@@ -135,8 +129,13 @@ struct Logins {
 
 type BackendKey = (i32, Micros);
 
-#[derive(Default)]
 struct Worker {
+    /// Moves session stamps across steps of the wall clock (see `clock.rs`).
+    clock: StepSafeClock,
+    /// The monotonic clock's origin.
+    started: Instant,
+    /// Wall time at the last reading, and the monotonic time it was taken at.
+    wall_at: (Micros, Instant),
     /// Backends already terminated (or reported, in dry run).
     handled: HashSet<BackendKey>,
     /// Backends whose statement a `cancel_then_terminate` rule cancelled, and when their grace ends.
@@ -144,6 +143,21 @@ struct Worker {
     logins: Logins,
     /// Database names by OID for rules' database patterns, looked up once per scan.
     databases: HashMap<u32, String>,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        let started = Instant::now();
+        Worker {
+            clock: StepSafeClock::default(),
+            started,
+            wall_at: (backends::now(), started),
+            handled: HashSet::new(),
+            cancelled: HashMap::new(),
+            logins: Logins::default(),
+            databases: HashMap::new(),
+        }
+    }
 }
 
 fn key(s: &Session) -> BackendKey {
@@ -155,15 +169,44 @@ fn earliest(a: Option<Micros>, b: Option<Micros>) -> Option<Micros> {
 }
 
 impl Worker {
+    /// Reads the wall clock and the monotonic clock together; every time the worker keeps from
+    /// earlier scans moves with the wall clock's step since the last reading.
+    fn read_clocks(&mut self) -> Micros {
+        let now = backends::now();
+        let instant = Instant::now();
+        let step = self.clock.read(now, instant.duration_since(self.started).as_micros() as Micros);
+        if step != 0 {
+            self.cancelled.values_mut().for_each(|grace_end| *grace_end += step);
+            self.logins.changed_at += step;
+        }
+        self.wall_at = (now, instant);
+        now
+    }
+
+    /// The wall time now, in the timeline of the last reading: a step since then does not count.
+    fn now(&self) -> Micros {
+        let (wall, at) = self.wall_at;
+        wall + at.elapsed().as_micros() as Micros
+    }
+
+    /// From now until `at`, rounded up to whole milliseconds (the latch's resolution) so the
+    /// worker never wakes just before a deadline.
+    fn until(&self, at: Micros) -> Duration {
+        let micros = (at - self.now()).max(0) as u64;
+        Duration::from_millis(micros.div_ceil(1000))
+    }
+
     /// Ends every session past its deadline, relieves connection pressure, starts a sync of the
     /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan(&mut self) -> Option<Micros> {
-        let now = backends::now();
+        let read = backends::sessions();
+        let now = self.read_clocks();
+        let sessions: HashMap<i32, Session> =
+            read.into_iter().map(|(pid, s)| (pid, self.clock.corrected(&s))).collect();
         self.databases.clear();
         let sync_at = sync::launch_if_due(now);
         let rules = self.rules();
         let usage = gucs::MAX_CONNECTION_USAGE.get();
-        let sessions = backends::sessions();
         let alive = |k: &BackendKey| sessions.get(&k.0).is_some_and(|s| s.backend_start == k.1);
         self.handled.retain(alive);
         self.cancelled.retain(|k, _| alive(k));
@@ -231,8 +274,9 @@ impl Worker {
     /// past a deadline (a session that just ran a statement is not ended for idleness). Returns
     /// when to look at it again (the end of a cancel's grace).
     fn enforce(&mut self, chosen: &Session, rules: &RuleSet) -> Option<Micros> {
-        let now = backends::now();
-        let fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
+        let now = self.now();
+        let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
+        fresh.session = self.clock.corrected(&fresh.session);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
         let rule = verdict.rule.origin.label();

@@ -58,6 +58,11 @@ pub fn server() -> &'static Server {
 impl Server {
     /// initdb + start a fresh cluster with extra `postgresql.conf` lines.
     pub fn start(extra_conf: &[&str]) -> Server {
+        Server::start_with_env(extra_conf, &[])
+    }
+
+    /// `start`, with extra environment variables for the postmaster and every backend.
+    pub fn start_with_env(extra_conf: &[&str], env: &[(&str, &str)]) -> Server {
         let bindir = PathBuf::from(
             std::env::var("SESSION_KILL_PG_BINDIR")
                 .expect("set SESSION_KILL_PG_BINDIR to the server's bin directory"),
@@ -95,7 +100,12 @@ impl Server {
             Command::new("chown").args(["postgres:", path_str(&datadir.join("postgresql.auto.conf"))]),
         );
         let server = Server { bindir, datadir, port, probe: Mutex::new(None) };
-        server.pg_ctl(&["-w", "-t", "60", "-l", path_str(&server.log_path()), "start"]);
+        run_checked(
+            as_postgres(&server.bindir.join("pg_ctl"))
+                .envs(env.iter().copied())
+                .args(["-D", path_str(&server.datadir), "-w", "-t", "60"])
+                .args(["-l", path_str(&server.log_path()), "start"]),
+        );
         server.bootstrap();
         server
     }

@@ -166,10 +166,13 @@ fn a_login_slowed_in_start_up_never_slips_into_a_drained_database() {
     s.admin().execute("SELECT session_kill.undrain_database($1)", &[&db]).unwrap();
 }
 
-/// Item 2: a starting superuser login is protected like a connected one.
+/// Item 2: a starting superuser login is protected like a connected one. A server of its own:
+/// any signal, such as the barrier that another test's DROP DATABASE sends to every backend, cuts
+/// `post_auth_delay` short.
 #[test]
 fn a_starting_superuser_login_is_protected_like_a_connected_one() {
-    let s = server();
+    let server = Server::start(&["log_connections = on"]);
+    let s = &server;
     let db = s.fresh_db("t_attack_slow_super");
     let before = authorized_logins(s, &db, SUPER);
     let login = slow_login(s, &db, SUPER, 4);
@@ -179,9 +182,9 @@ fn a_starting_superuser_login_is_protected_like_a_connected_one() {
         .query_one(&format!("SELECT * FROM session_kill.drain_database('{db}', timeout => '1s')"), &[])
         .unwrap_err();
     let detail = err.as_db_error().unwrap().detail().unwrap_or_default().to_owned();
-    assert!(detail.contains("superuser"), "{detail}");
+    assert!(detail.contains("a login still starting up): superuser"), "{detail}");
     assert_eq!(login.join().unwrap(), Ok(()), "the superuser's login was ended while starting");
-    s.admin().execute("SELECT session_kill.undrain_database($1)", &[&db]).unwrap();
+    s.stop();
 }
 
 /// Item 2: the admissions a drain remembers never lead it to signal another process that reused
@@ -464,6 +467,74 @@ fn a_rule_the_check_accepts_is_in_force() {
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().message(), "timeout is out of range");
     s.stop();
+}
+
+fn worker_scans(s: &Server) -> i64 {
+    s.probe_one("SELECT scans FROM session_kill.worker", &[]).get(0)
+}
+
+/// Item 6: the worker's deadlines do not move with the wall clock. The server runs under
+/// libfaketime, whose offset the test steps an hour ahead while sessions are idle; only the
+/// monotonic clock stays real, as it does when an administrator or a time daemon steps the clock.
+#[test]
+fn a_wall_clock_step_ends_no_session_early() {
+    let root = std::env::var("SESSION_KILL_TEST_ROOT").unwrap_or_else(|_| "/var/tmp/session_kill".into());
+    let offset_file = std::path::Path::new(&root).join(format!("faketime-{}", std::process::id()));
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    let s = Server::start_with_env(
+        &["session_kill.idle_timeout = '15s'"],
+        &[
+            ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+            ("FAKETIME_TIMESTAMP_FILE", offset_file.to_str().unwrap()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    // libfaketime stops faking in a process that a PostgreSQL 15 postmaster forks from a signal
+    // handler, as it does for background workers at start-up; after a restart the worker is
+    // forked from the postmaster's main loop.
+    let first: i32 = s.probe_one("SELECT pid FROM session_kill.worker", &[]).get(0);
+    s.admin().batch_execute(&format!("SELECT pg_terminate_backend({first})")).unwrap();
+    wait_for_described(Duration::from_secs(30), "the worker restarts", || {
+        let pid: i32 = s.probe_one("SELECT pid FROM session_kill.worker", &[]).get(0);
+        pid != first && pid != 0
+    });
+    let before = Session::idle(s.connect("postgres", APP));
+    let clock_gap = || {
+        let server_now: f64 = s.probe_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[]).get(0);
+        server_now - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+    };
+    assert!(clock_gap().abs() < 60.0, "the server starts on the real time");
+
+    let scans = worker_scans(&s);
+    std::fs::write(&offset_file, "+1h\n").unwrap();
+    assert!(clock_gap() > 3500.0, "libfaketime stepped the server's clock");
+    // A reload wakes the worker, which scans at once in the new wall time.
+    s.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for_described(Duration::from_secs(10), "the worker scans after the step", || worker_scans(&s) > scans);
+    let worker_stepped: bool =
+        s.probe_one("SELECT clock_timestamp() - last_scan < '1 min' FROM session_kill.worker", &[]).get(0);
+    assert!(worker_stepped, "the worker runs on the stepped clock too");
+    let after = Session::idle(s.connect("postgres", APP));
+    assert!(s.alive(before.pid), "idle for seconds, not for the hour the wall clock jumped");
+
+    // Both still end at their real deadlines: the one from before the step is not an hour early,
+    // and the one from after it is not an hour late.
+    wait_for_described(Duration::from_secs(60), "the idle_timeout ends both sessions", || {
+        !s.alive(before.pid) && !s.alive(after.pid)
+    });
+    let logged_idle_for = || -> Option<f64> {
+        s.probe_one(
+            "SELECT extract(epoch FROM max(idle_for))::float8 FROM session_kill.log WHERE pid = $1",
+            &[&before.pid],
+        )
+        .get(0)
+    };
+    wait_for_described(Duration::from_secs(20), "the audit row is written", || logged_idle_for().is_some());
+    let idle_for = logged_idle_for().unwrap();
+    assert!(idle_for < 600.0, "the audit shows the time really spent idle, not an hour more: {idle_for} s");
+    s.stop();
+    let _ = std::fs::remove_file(&offset_file);
 }
 
 /// Item 6: hints that show a database name quote it as a SQL literal, so a copy-pasted hint
