@@ -4,6 +4,7 @@
 //! The server caches that array per transaction; every read here clears the cache first so
 //! re-reads inside one call (re-checks, waits) see live data.
 
+use crate::lock_graph::{LockEntry, LockTag, MAX_MODE};
 use crate::policy::{BackendKind, Micros, Session, State};
 use crate::signal;
 use pgrx::pg_sys;
@@ -309,4 +310,93 @@ fn client_address(addr: &pg_sys::SockAddr) -> Option<IpAddr> {
 pub(crate) fn c_string(p: *const std::ffi::c_char) -> Option<String> {
     // SAFETY: callers pass NULL or a NUL-terminated string that outlives this call.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// Every process's interest in every lock, from one pass over the lock manager (what `pg_locks`
+/// is built from). Members of a parallel query's lock group appear as their leader; a wait whose
+/// start is not yet recorded counts as starting now.
+pub fn locks() -> Vec<LockEntry> {
+    let now = now();
+    // SAFETY: GetLockStatusData copies the lock manager's state under its partition locks into
+    // palloc'd memory: `nelements` entries at `locks`.
+    let data = unsafe { &*pg_sys::GetLockStatusData() };
+    let instances = if data.nelements > 0 {
+        // SAFETY: see above; the copy lives until the end of the call.
+        unsafe { std::slice::from_raw_parts(data.locks, data.nelements as usize) }
+    } else {
+        &[]
+    };
+    instances
+        .iter()
+        .map(|i| {
+            let t = i.locktag;
+            LockEntry {
+                pid: if i.leaderPid != 0 { i.leaderPid } else { i.pid },
+                tag: (
+                    [t.locktag_field1, t.locktag_field2, t.locktag_field3],
+                    t.locktag_field4,
+                    t.locktag_type,
+                    t.locktag_lockmethodid,
+                ),
+                held: (i.holdMask & 0xffff) as u16,
+                waiting: (i.waitLockMode > 0 && i.waitLockMode <= i32::from(MAX_MODE))
+                    .then(|| (i.waitLockMode as u8, if i.waitStart == 0 { now } else { i.waitStart })),
+            }
+        })
+        .collect()
+}
+
+fn locktag(tag: &LockTag) -> pg_sys::LOCKTAG {
+    let ([field1, field2, field3], field4, kind, method) = *tag;
+    pg_sys::LOCKTAG {
+        locktag_field1: field1,
+        locktag_field2: field2,
+        locktag_field3: field3,
+        locktag_field4: field4,
+        locktag_type: kind,
+        locktag_lockmethodid: method,
+    }
+}
+
+/// PostgreSQL's own words for a lock, as in its lock-wait messages: "relation 16384 of database
+/// 5", "transaction 812", "advisory lock [5,1,2,1]".
+pub fn lock_description(tag: &LockTag) -> String {
+    let tag = locktag(tag);
+    // SAFETY: a fresh StringInfo in the current memory context, filled by DescribeLockTag.
+    unsafe {
+        let buf = pg_sys::makeStringInfo();
+        pg_sys::DescribeLockTag(buf, &tag);
+        c_string((*buf).data).unwrap_or_default()
+    }
+}
+
+/// The mode's name, e.g. "AccessExclusiveLock".
+pub fn lock_mode_name(tag: &LockTag, mode: u8) -> String {
+    // SAFETY: GetLockmodeName returns a static string for a valid method and mode.
+    c_string(unsafe { pg_sys::GetLockmodeName(tag.3 as pg_sys::LOCKMETHODID, i32::from(mode)) })
+        .unwrap_or_default()
+}
+
+/// The schema-qualified, quoted name of the relation a lock is on, when the relation belongs to
+/// the current database (relations of other databases cannot be looked up from here).
+pub fn locked_relation(tag: &LockTag) -> Option<String> {
+    use pg_sys::LockTagType::*;
+    let ([database, relation, _], _, kind, _) = *tag;
+    let on_relation = [LOCKTAG_RELATION, LOCKTAG_RELATION_EXTEND, LOCKTAG_PAGE, LOCKTAG_TUPLE]
+        .iter()
+        .any(|k| *k as u8 == kind);
+    // SAFETY: MyDatabaseId is set once connected to a database.
+    if !on_relation || database != unsafe { pg_sys::MyDatabaseId }.to_u32() {
+        return None;
+    }
+    let oid = pg_sys::Oid::from(relation);
+    // SAFETY: syscache lookups; each returns NULL when the relation or schema is gone.
+    unsafe {
+        let name = pg_sys::get_rel_name(oid);
+        let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
+        if name.is_null() || schema.is_null() {
+            return None;
+        }
+        c_string(pg_sys::quote_qualified_identifier(schema, name))
+    }
 }

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 mod audit;
 mod backends;
+mod blockers;
 mod clock;
 mod counters;
 mod drain;
@@ -15,6 +16,7 @@ mod fixed;
 mod gate;
 mod gucs;
 mod kill;
+mod lock_graph;
 mod policy;
 mod rule_table;
 mod rules;
@@ -48,6 +50,7 @@ extension_sql!(
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill FROM PUBLIC;
 GRANT USAGE ON SCHEMA session_kill TO PUBLIC;
 GRANT EXECUTE ON FUNCTION session_kill.sessions(name) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION session_kill.blockers(name) TO PUBLIC;
 -- Whoever is granted rights on session_kill.rules must pass its row check.
 GRANT EXECUTE ON FUNCTION session_kill.check_rule(text, text, text, text, text, interval, text, interval) TO PUBLIC;
 "#,

@@ -266,11 +266,16 @@ pub struct ActiveSession {
 
 impl ActiveSession {
     /// Starts `SELECT pg_sleep(secs)` and returns once the server shows it as active.
-    pub fn start(server: &Server, mut client: Client, secs: u32) -> ActiveSession {
+    pub fn start(server: &Server, client: Client, secs: u32) -> ActiveSession {
+        ActiveSession::running(server, client, &format!("SELECT pg_sleep({secs})"))
+    }
+
+    /// Starts `sql` and returns once the server shows it as active.
+    pub fn running(server: &Server, mut client: Client, sql: &str) -> ActiveSession {
         let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let sql = sql.to_owned();
         let handle = thread::spawn(move || {
-            let result =
-                client.batch_execute(&format!("SELECT pg_sleep({secs})")).map_err(|e| error_code(&e));
+            let result = client.batch_execute(&sql).map_err(|e| error_code(&e));
             (client, result)
         });
         ActiveSession::from_parts(server, pid, handle)

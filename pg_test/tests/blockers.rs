@@ -1,0 +1,112 @@
+//! `session_kill.blockers()`: who holds up whom in the lock manager, checked against
+//! PostgreSQL's own `pg_blocking_pids()` with real sessions queued on a real table.
+
+use session_kill_pg_test::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// (blocked_pids, all_blocked_pids, granted, mode, relation, protected) by blocker PID.
+type Rows = BTreeMap<i32, (Vec<i32>, Vec<i32>, bool, String, Option<String>, Option<String>)>;
+
+fn blockers(client: &mut postgres::Client, db: &str) -> Rows {
+    client
+        .query(
+            "SELECT pid, blocked_pids, all_blocked_pids, granted, mode, relation, protected
+               FROM session_kill.blockers($1)",
+            &[&db],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))))
+        .collect()
+}
+
+fn waiting(s: &Server, pids: &[i32]) -> i64 {
+    s.probe_one("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = ANY($1)", &[&pids]).get(0)
+}
+
+/// A transaction that read the table blocks an ALTER TABLE, which blocks the SELECTs queued
+/// behind it: the reader blocks all three (one directly), the ALTER blocks the two SELECTs.
+#[test]
+fn blockers_names_holders_and_queue_jumpers_like_pg_blocking_pids() {
+    let s = server();
+    let db = s.fresh_db("t_blockers");
+    let mut admin = s.connect(&db, "postgres");
+    admin.batch_execute("CREATE TABLE orders (id int); GRANT SELECT ON orders TO app").unwrap();
+    let mut reader = Session::idle_in_transaction(s.connect(&db, APP));
+    reader.client.batch_execute("SELECT count(*) FROM orders").unwrap();
+    let alter = ActiveSession::running(s, s.connect(&db, "postgres"), "ALTER TABLE orders ADD COLUMN note text");
+    wait_for_described(Duration::from_secs(10), "the ALTER waits", || waiting(s, &[alter.pid]) == 1);
+    let selects: Vec<ActiveSession> =
+        (0..2).map(|_| ActiveSession::running(s, s.connect(&db, APP), "SELECT count(*) FROM orders")).collect();
+    let select_pids: Vec<i32> = selects.iter().map(|a| a.pid).collect();
+    wait_for_described(Duration::from_secs(10), "the SELECTs queue", || waiting(s, &select_pids) == 2);
+
+    let rows = blockers(&mut admin, &db);
+    let mut behind_alter = select_pids.clone();
+    behind_alter.sort();
+    let mut everyone = [behind_alter.clone(), vec![alter.pid]].concat();
+    everyone.sort();
+    assert_eq!(
+        rows.get(&reader.pid),
+        Some(&(
+            vec![alter.pid],
+            everyone,
+            true,
+            "AccessShareLock".to_owned(),
+            Some("public.orders".to_owned()),
+            None
+        )),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.get(&alter.pid),
+        Some(&(
+            behind_alter.clone(),
+            behind_alter,
+            false,
+            "AccessExclusiveLock".to_owned(),
+            Some("public.orders".to_owned()),
+            Some("superuser".to_owned())
+        )),
+        "{rows:?}"
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+
+    // The same edges as PostgreSQL's own pg_blocking_pids(), waiter by waiter.
+    for waiter in [vec![alter.pid], select_pids.clone()].concat() {
+        let mut theirs: Vec<i32> =
+            s.probe_one("SELECT pg_blocking_pids($1)", &[&waiter]).get::<_, Vec<i32>>(0);
+        theirs.sort();
+        let ours: Vec<i32> = rows.iter().filter(|(_, r)| r.0.contains(&waiter)).map(|(pid, _)| *pid).collect();
+        assert_eq!(ours, theirs, "blockers of {waiter}");
+    }
+    let (lock, longest): (String, f64) = {
+        let r = admin
+            .query_one(
+                "SELECT lock, extract(epoch FROM longest_wait)::float8 FROM session_kill.blockers($1)
+                  WHERE pid = $2",
+                &[&db, &reader.pid],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(lock.starts_with("relation "), "PostgreSQL's words for the lock: {lock}");
+    assert!(longest > 0.0, "{longest}");
+
+    // A caller without rights over the sessions sees that they block, not what they do.
+    let mut plain = s.connect(&db, PLAIN);
+    let state: Option<String> = plain
+        .query_one("SELECT state FROM session_kill.blockers($1) WHERE pid = $2", &[&db, &reader.pid])
+        .unwrap()
+        .get(0);
+    assert_eq!(state, None);
+    assert!(blockers(&mut admin, "postgres").is_empty(), "another database's blockers are left out");
+
+    reader.client.batch_execute("COMMIT").unwrap();
+    assert_eq!(alter.finish().0, Ok(()));
+    for select in selects {
+        assert_eq!(select.finish().0, Ok(()));
+    }
+    assert!(blockers(&mut admin, &db).is_empty());
+}
