@@ -346,7 +346,7 @@ fn entry(act: &Act, signalled: bool, settled: bool) -> Option<Entry> {
 }
 
 /// Who acted: the current user for the functions, the worker itself otherwise.
-fn actor(source: Source) -> String {
+pub(crate) fn actor(source: Source) -> String {
     if source == Source::Worker {
         return "session_kill worker".to_owned();
     }

@@ -413,7 +413,10 @@ impl Drain {
     /// (and free its PID for another process) between the check and the signal.
     fn terminate_starting(&self, login: &Admission) -> bool {
         let gates = GATES.share();
-        gates.remembers(login) && signal::send(login.pid, Signal::Terminate).is_ok()
+        let told =
+            format!("database \"{}\" is being drained by {}", self.db, audit::actor(Source::DrainDatabase));
+        gates.remembers(login)
+            && signal::send_telling(login.pid, login.started, Signal::Terminate, &told).is_ok()
     }
 
     fn fail(&self, left: &[Session], starting: &[Admission]) -> ! {

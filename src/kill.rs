@@ -352,10 +352,25 @@ impl KillRequest {
         mark(targets, &remaining, Outcome::StillRunningAfterWait);
     }
 
+    /// What the client of a session this request signals is told.
+    fn told(&self, datname: &str, signal: Signal) -> String {
+        let by = audit::actor(self.source);
+        let done = match signal {
+            Signal::Cancel => "cancelled",
+            Signal::Terminate => "terminated",
+        };
+        match (self.source, &self.reason) {
+            (Source::DrainDatabase, _) => format!("database \"{datname}\" is being drained by {by}"),
+            (_, Some(reason)) => format!("{done} by {by}: {reason}"),
+            (_, None) => format!("{done} by {by}"),
+        }
+    }
+
     /// Sends one signal and logs it; on failure records why. Returns whether it was sent.
     fn signal(&self, t: &mut Target, signal: Signal) -> bool {
         let pid = t.chosen.pid;
-        match signal::send(pid, signal) {
+        let told = self.told(t.backend.datname.as_deref().unwrap_or("?"), signal);
+        match signal::send_telling(pid, t.chosen.backend_start, signal, &told) {
             Ok(()) => {
                 t.action = match signal {
                     Signal::Cancel => "cancel",

@@ -18,6 +18,7 @@ mod gucs;
 mod kill;
 mod lock_graph;
 mod policy;
+mod reasons;
 mod rule_table;
 mod rules;
 mod shmem;
@@ -37,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
         shmem::init();
         drain::install_hook();
         rule_table::install_hook();
+        reasons::install_hook();
         worker::register();
     }
     // SAFETY: called from _PG_init, where reserving our GUC prefix is allowed.

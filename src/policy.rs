@@ -303,6 +303,18 @@ impl Session {
     }
 }
 
+/// A duration as a person reads it, to a tenth of a second: `15min 0.4s`, `2h 0min 5.0s`, `0.3s`.
+pub fn duration_text(micros: Micros) -> String {
+    let tenths = micros.max(0) / 100_000;
+    let (hours, minutes, seconds) = (tenths / 36_000, tenths / 600 % 60, tenths % 600);
+    let seconds = format!("{}.{}s", seconds / 10, seconds % 10);
+    match (hours, minutes) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}min {seconds}"),
+        (h, m) => format!("{h}h {m}min {seconds}"),
+    }
+}
+
 /// Text from users (names, reasons) made safe for a log line: control characters are written as
 /// escapes (`\n`, `\x1b`), so nobody can start a forged line.
 pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
@@ -610,6 +622,14 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_read_like_a_person_writes_them() {
+        assert_eq!(duration_text(900_400_000), "15min 0.4s");
+        assert_eq!(duration_text(7_205_000_000), "2h 0min 5.0s");
+        assert_eq!(duration_text(349_999), "0.3s");
+        assert_eq!(duration_text(-5), "0.0s");
+    }
     use super::*;
     use test_support::*;
 

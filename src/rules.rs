@@ -38,6 +38,16 @@ impl Measure {
         }
     }
 
+    /// What the session was doing for the measured time, as its client is told.
+    pub fn doing(self) -> &'static str {
+        match self {
+            Measure::Idle => "idle",
+            Measure::IdleInTransaction => "idle in transaction",
+            Measure::Transaction => "in a transaction",
+            Measure::Active => "running a statement",
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Measure, InputError> {
         parse_label(text, &Measure::ALL, Measure::label, "rule state", "rule states")
     }

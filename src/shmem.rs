@@ -7,7 +7,9 @@ use crate::counters::{Counters, Source, WorkerStatus};
 use crate::errors::raise;
 use crate::gate::GateTable;
 use crate::policy::Micros;
+use crate::reasons::{ReasonTable, ReasonText};
 use crate::rules::{PublishedRules, RuleRow};
+use crate::signal::Signal;
 use crate::sync::SyncState;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
@@ -23,6 +25,8 @@ unsafe impl PGRXSharedMemory for PublishedRules {}
 unsafe impl PGRXSharedMemory for AuditQueue {}
 // SAFETY: as above.
 unsafe impl PGRXSharedMemory for SyncState {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for ReasonTable {}
 
 // SAFETY: the names are unique to this extension.
 pub static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
@@ -34,6 +38,8 @@ static RULES: PgLwLock<PublishedRules> = unsafe { PgLwLock::new(c"session_kill_r
 static AUDIT: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"session_kill_audit") };
 // SAFETY: as above.
 pub static SYNC: PgLwLock<SyncState> = unsafe { PgLwLock::new(c"session_kill_sync") };
+// SAFETY: as above.
+static REASONS: PgLwLock<ReasonTable> = unsafe { PgLwLock::new(c"session_kill_reasons") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// From `_PG_init` while `shared_preload_libraries` is being processed.
@@ -43,6 +49,7 @@ pub fn init() {
     pg_shmem_init!(RULES = PublishedRules::default());
     pg_shmem_init!(AUDIT = AuditQueue::default());
     pg_shmem_init!(SYNC = SyncState::default());
+    pg_shmem_init!(REASONS = ReasonTable::default());
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -65,6 +72,27 @@ pub fn count(source: Source, reason: &str, outcome: &str) {
     if preloaded() {
         COUNTERS.exclusive().add(source, reason, outcome);
     }
+}
+
+/// Leaves the reason for a signal about to be sent (see `reasons.rs`); a no-op when not preloaded.
+pub fn attach_reason(pid: i32, started: Micros, signal: Signal, text: &str) {
+    if preloaded() {
+        REASONS.exclusive().attach(pid, started, signal, text, crate::backends::now());
+    }
+}
+
+pub fn withdraw_reason(pid: i32, started: Micros) {
+    if preloaded() {
+        REASONS.exclusive().withdraw(pid, started);
+    }
+}
+
+/// The reason left for this backend's interrupt, taken so it is told once.
+pub fn take_reason(pid: i32, started: Micros, signal: Signal, now: Micros) -> Option<ReasonText> {
+    if !preloaded() {
+        return None;
+    }
+    REASONS.exclusive().take(pid, started, signal, now)
 }
 
 /// The worker announces itself at start, so backends can wake it before its first scan.

@@ -1,6 +1,8 @@
 //! Signalling one backend, with PostgreSQL's own permission rules, and waiting on the process
 //! array. All the unsafe calls about other backends' processes live here.
 
+use crate::policy::Micros;
+use crate::{reasons, shmem};
 use pgrx::pg_sys;
 use std::time::{Duration, Instant};
 
@@ -86,6 +88,17 @@ pub fn send(pid: i32, signal: Signal) -> Result<(), SignalError> {
             Err(if errno == libc::ESRCH { SignalError::Gone } else { SignalError::Os(errno) })
         }
     }
+}
+
+/// `send`, telling the backend's client why: the detail of the message it gets (see
+/// `reasons.rs`). `started` is the backend's start time, so no other process takes the reason.
+pub fn send_telling(pid: i32, started: Micros, signal: Signal, why: &str) -> Result<(), SignalError> {
+    shmem::attach_reason(pid, started, signal, &format!("{}{why}", reasons::PREFIX));
+    let sent = send(pid, signal);
+    if sent.is_err() {
+        shmem::withdraw_reason(pid, started);
+    }
+    sent
 }
 
 /// Exits take about a millisecond each here; polling faster only burns CPU.

@@ -13,7 +13,9 @@ use crate::clock::StepSafeClock;
 use crate::counters::Source;
 use crate::gucs;
 use crate::kill;
-use crate::policy::{pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State};
+use crate::policy::{
+    duration_text, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
+};
 use crate::rules::{Action, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
@@ -289,6 +291,12 @@ impl Worker {
             Origin::Setting(_) => rule.clone(),
         };
         let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
+        let over = match verdict.rule.origin {
+            Origin::Row(_) => rule.clone(),
+            Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
+        };
+        let measured = now - (verdict.deadline - verdict.rule.timeout);
+        let told = format!("{} for {}, over {over}", verdict.rule.measure.doing(), duration_text(measured));
         match self.cancelled.get(&key(chosen)) {
             Some(grace_end) if now < *grace_end => return Some(*grace_end),
             Some(_) => {}
@@ -297,12 +305,12 @@ impl Worker {
             {
                 let grace_end = now + verdict.rule.grace;
                 self.cancelled.insert(key(chosen), grace_end);
-                self.signal(&fresh, Signal::Cancel, &rule, &why);
+                self.signal(&fresh, Signal::Cancel, &rule, &why, &told);
                 return Some(grace_end);
             }
             None => {}
         }
-        self.signal(&fresh, Signal::Terminate, &rule, &why);
+        self.signal(&fresh, Signal::Terminate, &rule, &why, &told);
         None
     }
 
@@ -321,14 +329,19 @@ impl Worker {
                     "connection pressure, {} client sessions above session_kill.max_connection_usage ({threshold} of max_connections {max_connections})",
                     clients.len()
                 );
-                self.signal(&fresh, Signal::Terminate, "session_kill.max_connection_usage", &why);
+                let told = format!(
+                    "idle for {} while client sessions crowd max_connections ({} above session_kill.max_connection_usage, {threshold} of {max_connections})",
+                    duration_text(self.now() - fresh.session.state_change),
+                    clients.len()
+                );
+                self.signal(&fresh, Signal::Terminate, "session_kill.max_connection_usage", &why, &told);
             }
         }
     }
 
-    /// Terminates or cancels `b` (or, in dry run, says it would), logs why, and records it
-    /// under `rule`.
-    fn signal(&mut self, b: &Backend, signal: Signal, rule: &str, why: &str) {
+    /// Terminates or cancels `b` (or, in dry run, says it would), logs why, tells its client
+    /// `told`, and records it under `rule`.
+    fn signal(&mut self, b: &Backend, signal: Signal, rule: &str, why: &str, told: &str) {
         let s = &b.session;
         let (verb, done, action) = match signal {
             Signal::Terminate => ("terminate", "terminated", "terminate"),
@@ -342,7 +355,7 @@ impl Worker {
             log!("session_kill: dry run, would {verb} {who}");
             Outcome::DryRun
         } else {
-            match signal::send(s.pid, signal) {
+            match signal::send_telling(s.pid, s.backend_start, signal, told) {
                 Ok(()) => {
                     log!("session_kill: {done} {who}");
                     if signal == Signal::Terminate {
