@@ -310,6 +310,24 @@ pub fn error_code(e: &postgres::Error) -> String {
     }
 }
 
+/// A refused statement's SQLSTATE and message, or ("closed", the error) when the connection
+/// just went away: what a permission matrix compares.
+pub fn refusal(e: &postgres::Error) -> (String, String) {
+    match e.as_db_error() {
+        Some(db) => (db.code().code().to_owned(), db.message().to_owned()),
+        None => ("closed".to_owned(), e.to_string()),
+    }
+}
+
+/// The server log has a line of session_kill sending a cancel or terminate to `pid`.
+pub fn signalled(server: &Server, pid: i32) -> bool {
+    let (cancel, terminate) = (
+        format!("session_kill: sent cancel to pid {pid} "),
+        format!("session_kill: sent terminate to pid {pid} "),
+    );
+    server.server_log().lines().any(|l| l.contains(&cancel) || l.contains(&terminate))
+}
+
 /// Polls `done` every 10 ms until true; panics after `timeout`, at the caller's line.
 #[track_caller]
 pub fn wait_for(timeout: Duration, done: impl FnMut() -> bool) {
