@@ -20,7 +20,9 @@ fn action_counts() -> TableIterator<
 /// The background worker's schedule (its PID, its last scan and when it plans the next one;
 /// NULL when nothing is due and it sleeps until something changes), the rules in force and
 /// the audit entries waiting for `session_kill.log`, and how many were lost since the server
-/// started (a full queue, or no audit table to write them to).
+/// started (a full queue, or no audit table to write them to); the sync worker's failures in a
+/// row and, while it fails, when it is tried again (1 s after the first failure, doubling up to
+/// a minute).
 #[pg_extern(volatile, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 fn worker_status() -> TableIterator<
@@ -35,6 +37,8 @@ fn worker_status() -> TableIterator<
         name!(rules_status, Option<String>),
         name!(audit_queued, i32),
         name!(audit_dropped, i64),
+        name!(sync_failures, i32),
+        name!(sync_retry_at, Option<TimestampWithTimeZone>),
     ),
 > {
     shmem::require_preloaded();
@@ -50,6 +54,8 @@ fn worker_status() -> TableIterator<
         Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
         shmem::audit_waiting().0 as i32,
         shmem::audit_dropped() as i64,
+        sync.failures as i32,
+        kill::timestamp(sync.retry_at).filter(|_| sync.failures > 0),
     ))
 }
 
@@ -58,7 +64,7 @@ extension_sql!(
 CREATE VIEW session_kill.stats AS SELECT * FROM session_kill.action_counts();
 COMMENT ON VIEW session_kill.stats IS 'Sessions acted on since the server started, by path, reason and outcome';
 CREATE VIEW session_kill.worker AS SELECT * FROM session_kill.worker_status();
-COMMENT ON VIEW session_kill.worker IS 'The session_kill background worker: last and next scan, rules in force, audit entries waiting';
+COMMENT ON VIEW session_kill.worker IS 'The session_kill background worker: last and next scan, rules in force, audit entries waiting, sync failures in a row';
 "#,
     name = "stats_views",
     requires = [action_counts, worker_status]

@@ -39,8 +39,10 @@ pub struct SyncState {
     rules_wanted: bool,
     /// When the running sync was started; 0 when none runs.
     running_since: Micros,
-    failures: u32,
-    retry_at: Micros,
+    /// Syncs that failed in a row (0 after a success), and when the next one may start; shown
+    /// by the `session_kill.worker` view.
+    pub failures: u32,
+    pub retry_at: Micros,
     /// When the last sync finished successfully.
     last_run: Micros,
     /// What the last sync found, for the `session_kill.worker` view.

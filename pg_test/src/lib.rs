@@ -325,6 +325,24 @@ pub fn error_code(e: &postgres::Error) -> String {
     }
 }
 
+/// A refused statement's SQLSTATE and message, or ("closed", the error) when the connection
+/// just went away: what a permission matrix compares.
+pub fn refusal(e: &postgres::Error) -> (String, String) {
+    match e.as_db_error() {
+        Some(db) => (db.code().code().to_owned(), db.message().to_owned()),
+        None => ("closed".to_owned(), e.to_string()),
+    }
+}
+
+/// The server log has a line of session_kill sending a cancel or terminate to `pid`.
+pub fn signalled(server: &Server, pid: i32) -> bool {
+    let (cancel, terminate) = (
+        format!("session_kill: sent cancel to pid {pid} "),
+        format!("session_kill: sent terminate to pid {pid} "),
+    );
+    server.server_log().lines().any(|l| l.contains(&cancel) || l.contains(&terminate))
+}
+
 /// Polls `done` every 10 ms until true; panics after `timeout`, at the caller's line.
 #[track_caller]
 pub fn wait_for(timeout: Duration, done: impl FnMut() -> bool) {
@@ -489,7 +507,18 @@ pub struct Reconnector {
 }
 
 impl Reconnector {
+    /// Each login runs `SELECT 1` (a pool validating its connection), then holds it 20 ms.
     pub fn start(config: Config) -> Reconnector {
+        Reconnector::spawn(config, true)
+    }
+
+    /// Each login holds its connection 20 ms without running a statement, so its session is
+    /// never caught with a query running (never cancelled, only terminated or refused).
+    pub fn logins_only(config: Config) -> Reconnector {
+        Reconnector::spawn(config, false)
+    }
+
+    fn spawn(config: Config, validate: bool) -> Reconnector {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -498,7 +527,9 @@ impl Reconnector {
             while !flag.load(Ordering::Relaxed) {
                 let started = std::time::SystemTime::now();
                 let result = config.connect(NoTls).and_then(|mut c| {
-                    c.simple_query("SELECT 1")?;
+                    if validate {
+                        c.simple_query("SELECT 1")?;
+                    }
                     thread::sleep(Duration::from_millis(20));
                     Ok(())
                 });

@@ -2,6 +2,7 @@
 
 use postgres::error::SqlState;
 use session_kill_pg_test::*;
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 /// (sessions_at_start, cancelled, terminated, remaining, refused_logins)
@@ -43,6 +44,19 @@ fn login(s: &Server, db: &str, user: &str) -> Result<(), String> {
     s.config(db, user).connect(postgres::NoTls).map(drop).map_err(|e| error_code(&e))
 }
 
+/// PIDs the drain of `db` sent a cancel to, from its server-log lines.
+fn cancelled_pids(s: &Server, db: &str) -> BTreeSet<i32> {
+    let marker = format!(" (database {db}, ");
+    s.server_log()
+        .lines()
+        .filter_map(|l| l.split_once("session_kill: sent cancel to pid ")?.1.split_once(&marker))
+        .map(|(pid, _)| pid.parse().unwrap())
+        .collect()
+}
+
+/// The pool logs in without running statements, so the only sessions caught running a query are
+/// the 10 this test started: exactly those are cancelled (a pool that validated each login with
+/// `SELECT 1` could be caught mid-statement and add a cancel of its own).
 #[test]
 fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all() {
     let s = server();
@@ -53,7 +67,7 @@ fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all
     let active: Vec<ActiveSession> =
         (0..10).map(|_| ActiveSession::start(s, s.connect(&db, APP), 120)).collect();
     let mut neighbours: Vec<Session> = (0..5).map(|_| Session::idle(s.connect(&elsewhere, APP))).collect();
-    let pool = Reconnector::start(s.config(&db, APP));
+    let pool = Reconnector::logins_only(s.config(&db, APP));
     std::thread::sleep(Duration::from_millis(300));
 
     let drained_before = drain_counts(s);
@@ -64,6 +78,8 @@ fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all
 
     assert_eq!(s.sessions_in(&db), 0, "no session of the database is left");
     assert!((65..=66).contains(&at_start), "65 sessions plus possibly the reconnecting client: {at_start}");
+    let running: BTreeSet<i32> = active.iter().map(|a| a.pid).collect();
+    assert_eq!(cancelled_pids(s, &db), running, "the running queries, and only they, were cancelled");
     assert_eq!(cancelled, 10, "each running query was cancelled first");
     assert!(terminated >= at_start - 1, "everything else was terminated: {terminated}");
     assert_eq!(remaining, 0);
@@ -81,8 +97,10 @@ fn drain_ends_every_session_while_clients_keep_reconnecting_and_refuses_them_all
     assert!(refused >= after.len() as i64, "every refusal is counted: {refused}");
     idle.iter_mut().chain(in_tx.iter_mut()).for_each(assert_terminated);
     for a in active {
-        let (query, _) = a.finish();
+        let pid = a.pid;
+        let (query, afterwards) = a.finish();
         assert_eq!(query, Err(QUERY_CANCELED.into()), "running queries were cancelled before termination");
+        assert_ended_by_admin(pid, afterwards);
     }
     neighbours.iter_mut().for_each(assert_alive);
     assert_eq!(login(s, &elsewhere, APP), Ok(()), "other databases stay open");

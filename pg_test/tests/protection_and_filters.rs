@@ -198,6 +198,238 @@ fn acting_requires_an_explicit_grant() {
     c.query("SELECT * FROM session_kill.sessions()", &[]).unwrap();
 }
 
+/// Roles of the permission matrices below, besides the harness's (`SUPER` a superuser, `PLAIN`
+/// with EXECUTE on every function, `SIGNALLER` in pg_signal_backend, `APP_MEMBER` a member of the
+/// target role `APP`).
+const DB_OWNER: &str = "perm_db_owner"; // owns the matrices' databases; EXECUTE granted; no superuser
+const NO_GRANT: &str = "perm_no_grant"; // nothing granted at all
+const RULE_EDITOR: &str = "perm_rule_editor"; // the table rights the README suggests for rules
+const LOG_READER: &str = "perm_log_reader"; // the table right the README suggests for the audit
+
+/// Creates the matrices' roles once, and a database `db` owned by `DB_OWNER`.
+fn matrix_database(s: &Server, db: &str) -> String {
+    static ROLES: std::sync::Once = std::sync::Once::new();
+    ROLES.call_once(|| {
+        s.admin()
+            .batch_execute(&format!(
+                "CREATE ROLE {DB_OWNER} LOGIN; CREATE ROLE {NO_GRANT} LOGIN;
+                 CREATE ROLE {RULE_EDITOR} LOGIN; CREATE ROLE {LOG_READER} LOGIN;
+                 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill TO {DB_OWNER};"
+            ))
+            .unwrap();
+    });
+    let db = s.fresh_db(db);
+    s.admin().batch_execute(&format!("ALTER DATABASE {db} OWNER TO {DB_OWNER}")).unwrap();
+    db
+}
+
+/// Runs `sql` as `caller` on `db`: the rows it affected or returned, or its refusal.
+fn attempt(s: &Server, db: &str, caller: &str, sql: &str) -> Result<u64, (String, String)> {
+    s.connect(db, caller).execute(sql, &[]).map_err(|e| refusal(&e))
+}
+
+fn denied(code: &str, message: &str) -> Result<u64, (String, String)> {
+    Err((code.to_owned(), message.to_owned()))
+}
+
+/// Who closed the gate of `db`, if it is closed.
+fn closed_by(s: &Server, db: &str) -> Option<String> {
+    s.probe_one("SELECT max(closed_by::text) FROM session_kill.drains() WHERE datname = $1", &[&db]).get(0)
+}
+
+/// Draining needs EXECUTE and then the rights ALTER DATABASE needs (owner or superuser); the
+/// owner closes the gate but still signals only the sessions pg_terminate_backend lets it.
+/// Nothing is closed or signalled on a denial.
+#[test]
+fn drain_database_needs_execute_and_ownership_of_the_database() {
+    let s = server();
+    let db = matrix_database(s, "t_perm_drain");
+    let drain = format!("SELECT * FROM session_kill.drain_database('{db}', timeout => '1s', grace => '0')");
+    let not_owner = denied("42501", &format!("must be owner of database {db}"));
+    // (caller, what the call returns, the gate is closed afterwards, the APP session was ended)
+    let matrix = [
+        (SUPER, Ok(1), true, true),
+        (DB_OWNER, denied("55006", &format!("database \"{db}\" still has 1 session after 1s")), true, false),
+        (PLAIN, not_owner.clone(), false, false),
+        (NO_GRANT, denied("42501", "permission denied for function drain_database"), false, false),
+        (SIGNALLER, not_owner.clone(), false, false),
+        (APP_MEMBER, not_owner, false, false),
+    ];
+    for (caller, expected, closes, ends) in matrix {
+        let mut target = Session::idle(s.connect(&db, APP));
+        let mut caller_session = s.connect("postgres", caller);
+        let result = caller_session.query(&drain, &[]);
+        if caller == DB_OWNER {
+            // The owner's drain times out on the session it may not signal, and says why.
+            let err = result.as_ref().unwrap_err();
+            let detail = err.as_db_error().and_then(|d| d.detail()).unwrap_or_default();
+            assert!(
+                detail.contains(&format!("pid {} (user {APP}", target.pid))
+                    && detail.ends_with(": permission denied."),
+                "{caller}: {detail}"
+            );
+        }
+        assert_eq!(result.map(|rows| rows.len() as u64).map_err(|e| refusal(&e)), expected, "{caller}");
+        assert_eq!(closed_by(s, &db), closes.then(|| caller.to_owned()), "{caller}: the gate");
+        if ends {
+            assert_terminated(&mut target);
+        } else {
+            assert_alive(&mut target);
+            assert!(!signalled(s, target.pid), "{caller}: nothing was signalled");
+        }
+        if closes {
+            s.admin().execute("SELECT session_kill.undrain_database($1)", &[&db]).unwrap();
+        }
+        drop(target);
+        s.admin()
+            .execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = $1",
+                &[&db],
+            )
+            .unwrap();
+    }
+}
+
+/// Reopening needs the same rights as draining; listing the gates needs EXECUTE only.
+#[test]
+fn undrain_database_needs_execute_and_ownership_and_drains_needs_execute() {
+    let s = server();
+    let db = matrix_database(s, "t_perm_undrain");
+    let undrain = format!("SELECT session_kill.undrain_database('{db}')");
+    let not_owner = denied("42501", &format!("must be owner of database {db}"));
+    // (caller, what undrain_database returns, the gate is still closed afterwards)
+    let matrix = [
+        (SUPER, Ok(1), false),
+        (DB_OWNER, Ok(1), false),
+        (PLAIN, not_owner.clone(), true),
+        (NO_GRANT, denied("42501", "permission denied for function undrain_database"), true),
+        (SIGNALLER, not_owner.clone(), true),
+        (APP_MEMBER, not_owner, true),
+    ];
+    for (caller, expected, stays_closed) in matrix {
+        if closed_by(s, &db).is_none() {
+            s.admin().execute(&format!("SELECT * FROM session_kill.drain_database('{db}')"), &[]).unwrap();
+        }
+        let mut c = s.connect("postgres", caller);
+        let reopened = c.query(&undrain, &[]).map_err(|e| refusal(&e));
+        if let Ok(rows) = &reopened {
+            assert!(rows[0].get::<_, bool>(0), "{caller}: it was closed");
+        }
+        assert_eq!(reopened.map(|rows| rows.len() as u64), expected, "{caller}");
+        assert_eq!(closed_by(s, &db).is_some(), stays_closed, "{caller}: the gate");
+
+        let listed = c.query("SELECT * FROM session_kill.drains()", &[]).map(drop).map_err(|e| refusal(&e));
+        let may_list = if caller == NO_GRANT {
+            Err(("42501".to_owned(), "permission denied for function drains".to_owned()))
+        } else {
+            Ok(())
+        };
+        assert_eq!(listed, may_list, "{caller}: drains()");
+    }
+    s.admin().execute("SELECT session_kill.undrain_database($1)", &[&db]).unwrap();
+}
+
+/// `session_kill.rules` and `session_kill.log` belong to the extension's owner: nobody else reads
+/// or writes them, not the database's owner, not a role that may call every function or signal
+/// every session, until granted table rights. Rules written by a grantee still pass the row
+/// check; the audit log can be granted for reading, and only its owner (the sync) writes it.
+#[test]
+fn the_rules_and_the_audit_log_belong_to_the_extension_owner() {
+    let s = server();
+    let db = matrix_database(s, "t_perm_tables");
+    let mut admin = s.connect(&db, "postgres");
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON session_kill.rules TO {RULE_EDITOR};
+             GRANT SELECT ON session_kill.log TO {LOG_READER};
+             INSERT INTO session_kill.log (acted_at, source, pid, action, outcome)
+             VALUES (now(), 'kill_sessions', 1, 'terminate', 'terminated');"
+        ))
+        .unwrap();
+    let planted: i64 = admin
+        .query_one("INSERT INTO session_kill.rules (state, timeout, comment) VALUES ('idle', '1h', 'planted') RETURNING id", &[])
+        .unwrap()
+        .get(0);
+    let rule_comments = |admin: &mut postgres::Client| -> Vec<String> {
+        admin
+            .query("SELECT comment FROM session_kill.rules ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let no_rules = denied("42501", "permission denied for table rules");
+    for caller in [SUPER, DB_OWNER, PLAIN, NO_GRANT, SIGNALLER, APP_MEMBER, RULE_EDITOR, LOG_READER] {
+        let writes = caller == SUPER || caller == RULE_EDITOR;
+        let expect = |allowed: u64| if writes { Ok(allowed) } else { no_rules.clone() };
+        let sql = format!("SELECT count(*) FROM session_kill.rules WHERE id = {planted}");
+        assert_eq!(attempt(s, &db, caller, &sql), expect(1), "{caller}: SELECT rules");
+
+        let sql = format!(
+            "INSERT INTO session_kill.rules (state, timeout, comment) VALUES ('idle', '1h', '{caller}')"
+        );
+        assert_eq!(attempt(s, &db, caller, &sql), expect(1), "{caller}: INSERT rules");
+        assert_eq!(rule_comments(&mut admin).contains(&caller.to_owned()), writes, "{caller}: the new row");
+
+        let sql = format!("UPDATE session_kill.rules SET comment = 'seen by {caller}' WHERE id = {planted}");
+        assert_eq!(attempt(s, &db, caller, &sql), expect(1), "{caller}: UPDATE rules");
+        let planted_now = if writes { format!("seen by {caller}") } else { "planted".to_owned() };
+        assert_eq!(rule_comments(&mut admin)[0], planted_now, "{caller}: the planted row");
+        admin
+            .execute("UPDATE session_kill.rules SET comment = 'planted' WHERE id = $1", &[&planted])
+            .unwrap();
+
+        let sql = format!("DELETE FROM session_kill.rules WHERE comment = '{caller}'");
+        assert_eq!(attempt(s, &db, caller, &sql), expect(1), "{caller}: DELETE rules");
+        assert_eq!(
+            rule_comments(&mut admin),
+            vec!["planted".to_owned()],
+            "{caller}: only the planted rule is left"
+        );
+
+        if caller != SUPER {
+            let sql = "TRUNCATE session_kill.rules";
+            assert_eq!(attempt(s, &db, caller, sql), no_rules, "{caller}: TRUNCATE rules");
+        }
+    }
+
+    let no_log = denied("42501", "permission denied for table log");
+    let log_rows = || -> Vec<(String, String)> {
+        s.connect(&db, "postgres")
+            .query("SELECT source, outcome FROM session_kill.log", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    for caller in [SUPER, DB_OWNER, PLAIN, NO_GRANT, SIGNALLER, APP_MEMBER, RULE_EDITOR, LOG_READER] {
+        let reads = caller == SUPER || caller == LOG_READER;
+        let read = attempt(s, &db, caller, "SELECT * FROM session_kill.log");
+        assert_eq!(read, if reads { Ok(1) } else { no_log.clone() }, "{caller}: SELECT log");
+        if caller == SUPER {
+            continue; // a superuser may do anything, writing the audit log included
+        }
+        for sql in [
+            "INSERT INTO session_kill.log (acted_at, source, pid, action, outcome) VALUES (now(), 'forged', 1, 'none', 'none')",
+            "UPDATE session_kill.log SET outcome = 'forged'",
+            "DELETE FROM session_kill.log",
+            "TRUNCATE session_kill.log",
+        ] {
+            assert_eq!(attempt(s, &db, caller, sql), no_log, "{caller}: {sql}");
+        }
+        assert_eq!(
+            log_rows(),
+            vec![("kill_sessions".to_owned(), "terminated".to_owned())],
+            "{caller}: untouched"
+        );
+    }
+
+    // A grantee's rows pass the same check as the owner's.
+    let bad = "INSERT INTO session_kill.rules (state, timeout) VALUES ('sleeping', '1h')";
+    let (code, message) = attempt(s, &db, RULE_EDITOR, bad).unwrap_err();
+    assert_eq!((code.as_str(), message.as_str()), ("22023", "invalid rule state \"sleeping\""));
+}
+
 #[test]
 fn sessions_reports_state_ages_and_protection_like_pg_stat_activity() {
     let s = server();

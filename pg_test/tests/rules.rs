@@ -288,21 +288,59 @@ fn a_failing_sync_backs_off_and_recovers() {
     let refusals = || {
         s.server_log().matches("FATAL:  database \"closed\" is not currently accepting connections").count()
     };
-    wait_for(Duration::from_secs(10), || refusals() >= 1);
-    std::thread::sleep(Duration::from_secs(6));
-    let attempts = refusals();
-    assert!((2..=5).contains(&attempts), "7 s of failures at 1, 2, 4 s intervals, not a loop: {attempts}");
-    assert!(rules_in_force(&s).1.starts_with("the sync worker failed"), "{:?}", rules_in_force(&s));
+    // (failures in a row, next attempt in microseconds since the epoch) as the worker view shows it.
+    let sync = || -> (i32, Option<i64>) {
+        let row = s.probe_one(
+            "SELECT sync_failures, (extract(epoch FROM sync_retry_at) * 1000000)::int8 FROM session_kill.worker",
+            &[],
+        );
+        (row.get(0), row.get(1))
+    };
 
+    // The next attempt is planned when a failure is counted, and never starts before it: so the
+    // planned attempts of failures n and n + 1 are at least the n-th backoff, 2^n s, apart.
+    let mut planned = std::collections::BTreeMap::new();
+    wait_for_described(Duration::from_secs(60), "four failed syncs in a row", || {
+        if let (failures @ 1.., Some(retry_at)) = sync() {
+            planned.insert(failures, retry_at);
+        }
+        planned.contains_key(&4)
+    });
+    assert_eq!(planned.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4], "counted one at a time");
+    for n in 1..4 {
+        let gap = planned[&(n + 1)] - planned[&n];
+        assert!(
+            gap >= 1_000_000 << n,
+            "failure {}: retried {gap} µs after the previous plan, not 2^{n} s",
+            n + 1
+        );
+    }
+    // Each failure is one refused login, not a loop: the log has at most the one in flight more.
+    let (failures, _) = sync();
+    let refused = refusals();
+    assert!(
+        (failures as usize..=failures as usize + 1).contains(&refused),
+        "{failures} failures, {refused} refusals in the server log"
+    );
+    let (_, status) = rules_in_force(&s);
+    assert!(status.starts_with("the sync worker failed"), "{status}");
+
+    // Settings keep being enforced while the sync fails.
     let mut idle = Session::idle(s.connect("postgres", APP));
     s.wait_until_gone(idle.pid);
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
 
     s.admin().batch_execute("ALTER DATABASE closed ALLOW_CONNECTIONS true").unwrap();
-    wait_for(Duration::from_secs(30), || {
-        rules_in_force(&s).1 == "no table session_kill.rules in database \"closed\""
-            || rules_in_force(&s).1.starts_with("0 rules")
-    });
+    wait_for_described(
+        Duration::from_secs(90),
+        "a sync succeeds once the database accepts connections",
+        || sync() == (0, None),
+    );
+    let (_, status) = rules_in_force(&s);
+    assert!(
+        status == "no table session_kill.rules in database \"closed\"" || status.starts_with("0 rules"),
+        "{status}"
+    );
     s.stop();
 }
 

@@ -267,6 +267,81 @@ fn the_reaper_acts_as_logins_arrive() {
     s.stop();
 }
 
+/// An ordinary role's idle session that calls itself pg_dump, opened first (so the longest idle),
+/// then 15 plain idle sessions of the same role.
+fn impostor_then_crowd(s: &Server) -> Vec<Session> {
+    let mut config = s.config("postgres", APP);
+    config.application_name("pg_dump");
+    let mut sessions = vec![Session::idle(config.connect(postgres::NoTls).unwrap())];
+    sessions.extend((0..15).map(|_| Session::idle(s.connect("postgres", APP))));
+    sessions
+}
+
+/// The pressure reaper under the default configuration (`protected_applications` empty): a
+/// client's application_name is its own choice, so an idle session calling itself pg_dump is
+/// the longest idle and goes first, like any other. (attacks.rs shows the same for idle_timeout
+/// and drains.)
+#[test]
+fn the_pressure_reaper_ends_a_pg_dump_impostor_like_any_other_session() {
+    let s = Server::start(&[
+        "max_connections = 23",
+        "superuser_reserved_connections = 3",
+        "session_kill.max_connection_usage = 0.5",
+    ]);
+    assert_eq!(s.probe_one("SHOW session_kill.protected_applications", &[]).get::<_, String>(0), "");
+    let mut sessions = impostor_then_crowd(&s);
+    let impostor = sessions[0].pid;
+    wait_for_described(Duration::from_secs(20), "the reaper brings app down to 11", || {
+        client_pids(&s, "usename = 'app'").len() <= 11
+    });
+    let ended = oldest_ended(&sessions, &client_pids(&s, "usename = 'app'"));
+    assert!(ended >= 5, "16 logins, threshold floor(0.5 * 23) = 11: {ended} ended, the impostor first");
+    assert_ended_by_admin_on(&s, impostor, sessions[0].probe());
+    assert!(logged(
+        &s,
+        &format!("session_kill: terminated pid {impostor} (user app, application \"pg_dump\", state idle): connection pressure")
+    ));
+    s.stop();
+}
+
+/// A DBA may opt in to protection by application (README: client-chosen, so any client can claim
+/// it): with `protected_applications = 'pg_dump'` the pg_dump session is spared by the reaper,
+/// which takes the next-longest idle instead, and by `idle_timeout`, which ends younger sessions
+/// whose deadlines come after its own.
+#[test]
+fn a_dba_who_protects_the_pg_dump_name_spares_it_from_the_reaper_and_idle_timeout() {
+    let s = Server::start(&[
+        "max_connections = 23",
+        "superuser_reserved_connections = 3",
+        "session_kill.max_connection_usage = 0.5",
+        "session_kill.protected_applications = 'pg_dump'",
+    ]);
+    let mut sessions = impostor_then_crowd(&s);
+    let (spared, crowd) = sessions.split_first_mut().unwrap();
+    let protected: Option<String> = s
+        .probe_one("SELECT (SELECT protected FROM session_kill.sessions() WHERE pid = $1)", &[&spared.pid])
+        .get(0);
+    assert_eq!(protected.as_deref(), Some("protected application"));
+    wait_for_described(Duration::from_secs(20), "the reaper brings app down to 11", || {
+        client_pids(&s, "usename = 'app'").len() <= 11
+    });
+    let alive = client_pids(&s, "usename = 'app'");
+    assert!(alive.contains(&spared.pid), "the protected session was spared");
+    let ended = oldest_ended(crowd, &alive);
+    assert!(ended >= 5, "the next-longest idle went instead: {ended} ended");
+
+    let mut admin = s.admin();
+    admin.batch_execute("ALTER SYSTEM SET session_kill.idle_timeout = '500ms'").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    for session in crowd.iter_mut().skip(ended) {
+        s.wait_until_gone(session.pid);
+        assert_ended_by_admin_on(&s, session.pid, session.probe());
+    }
+    assert_alive(spared);
+    assert!(!logged(&s, &format!("session_kill: terminated pid {} ", spared.pid)), "never acted on");
+    s.stop();
+}
+
 #[test]
 fn a_busy_session_is_never_ended_for_idleness() {
     let s = Server::start(&["session_kill.idle_timeout = '1s'"]);
