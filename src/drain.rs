@@ -162,21 +162,25 @@ fn undrain_database(db: Option<Name>) -> bool {
     let db = db.unwrap_or_else(|| null_argument("db", "Name the database to reopen.")).0;
     let name = DbName::new(&db);
     let now = backends::now();
+    let c_name = CString::new(db.as_str()).unwrap_or_default();
+    // SAFETY: catalog lookup with missing_ok = true.
+    let oid = unsafe { pg_sys::get_database_oid(c_name.as_ptr(), true) };
+    // Permission first, as PostgreSQL checks it, so a gate's state is no answer to a non-owner.
+    let owner = oid != pg_sys::InvalidOid && is_database_owner(oid);
+    if oid != pg_sys::InvalidOid && !owner {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of database {db}"),
+            "Only the owner of the database, or a superuser, can reopen it.",
+        );
+    }
     let Some(gate) = GATES.share().find(&name, now) else {
         notice!("database \"{db}\" is not being drained");
         return false;
     };
     // The database may have been dropped while closed; then its closer or a superuser reopens it.
-    let c_name = CString::new(db.as_str()).unwrap_or_default();
-    // SAFETY: catalog lookup with missing_ok = true; privilege checks on the current user.
-    let allowed = unsafe {
-        let oid = pg_sys::get_database_oid(c_name.as_ptr(), true);
-        if oid == pg_sys::InvalidOid {
-            pg_sys::superuser() || pg_sys::GetUserId().to_u32() == gate.closed_by
-        } else {
-            is_database_owner(oid)
-        }
-    };
+    // SAFETY: privilege checks on the current user.
+    let allowed = owner || unsafe { pg_sys::superuser() || pg_sys::GetUserId().to_u32() == gate.closed_by };
     if !allowed {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

@@ -327,6 +327,9 @@ fn undrain_database_needs_execute_and_ownership_and_drains_needs_execute() {
         assert_eq!(listed, may_list, "{caller}: drains()");
     }
     s.admin().execute("SELECT session_kill.undrain_database($1)", &[&db]).unwrap();
+    // Permission comes before the gate's state: a non-owner learns nothing from an open gate.
+    let err = s.connect("postgres", PLAIN).query(&undrain, &[]).unwrap_err();
+    assert_eq!(refusal(&err), ("42501".to_owned(), format!("must be owner of database {db}")));
 }
 
 /// `session_kill.rules` and `session_kill.log` belong to the extension's owner: nobody else reads
