@@ -214,6 +214,7 @@ fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
         is_own: e.st_procpid == my_pid,
         is_superuser: role.is_superuser,
         caller_may_signal: role.may_signal,
+        blocking_since: 0,
     }
 }
 

@@ -53,7 +53,12 @@ impl StepSafeClock {
     /// `s` with its stamps moved into the current wall timeline (see the module comment).
     pub fn corrected(&mut self, s: &Session) -> Session {
         let mut fixed = s.clone();
-        for stamp in [&mut fixed.state_change, &mut fixed.xact_start, &mut fixed.query_start] {
+        for stamp in [
+            &mut fixed.state_change,
+            &mut fixed.xact_start,
+            &mut fixed.query_start,
+            &mut fixed.blocking_since,
+        ] {
             *stamp = self.correct(s.pid, s.backend_start, *stamp);
         }
         fixed
@@ -109,6 +114,7 @@ mod tests {
             is_own: false,
             is_superuser: false,
             caller_may_signal: true,
+            blocking_since: 0,
         }
     }
 

@@ -29,6 +29,11 @@ pub static IDLE_IN_TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new
 /// running or not (also on PostgreSQL releases without a built-in transaction_timeout).
 pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.blocker_timeout`: terminates a session that holds up others in the lock manager
+/// (and waits for no lock itself) once the longest-waiting of them has waited this long; a
+/// running statement is cancelled first if the rule says so. 0 turns it off.
+pub static BLOCKER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// `session_kill.max_connection_usage`: when client sessions exceed this share of
 /// `max_connections`, the worker ends the longest-idle unprotected sessions (idle in transaction
 /// first) until back at it. 0 turns the pressure reaper off.
@@ -62,6 +67,11 @@ pub fn register() {
             c"session_kill.transaction_timeout",
             c"Terminates client sessions whose transaction is older than this (0 turns it off).",
             &TRANSACTION_TIMEOUT,
+        ),
+        (
+            c"session_kill.blocker_timeout",
+            c"Terminates client sessions that have held up another session's lock request for longer than this (0 turns it off).",
+            &BLOCKER_TIMEOUT,
         ),
     ] {
         GucRegistry::define_int_guc(
@@ -150,5 +160,6 @@ pub fn limits() -> crate::rules::Limits {
         idle: micros(&IDLE_TIMEOUT),
         idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
         transaction: micros(&TRANSACTION_TIMEOUT),
+        blocking: micros(&BLOCKER_TIMEOUT),
     }
 }

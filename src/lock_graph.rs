@@ -73,6 +73,8 @@ pub struct Blocker {
     pub all_blocked: Vec<i32>,
     /// When the longest-waiting session of `all_blocked` began to wait.
     pub waiting_since: Micros,
+    /// It waits for a lock itself: it is not where the chain of waits begins.
+    pub waits: bool,
 }
 
 /// An edge of the wait graph: `blocker` holds up `waiter` on `tag`.
@@ -138,6 +140,7 @@ pub fn blockers(entries: &[LockEntry]) -> Vec<Blocker> {
             }
             let edge = worst_edge[&pid];
             Blocker {
+                waits: since_of.contains_key(&pid),
                 pid,
                 tag: edge.tag,
                 mode: edge.mode,
@@ -229,6 +232,11 @@ mod tests {
         assert_eq!(
             summary(&found),
             vec![(10, vec![20], vec![20, 30], 50, true), (20, vec![30], vec![30], 50, true)]
+        );
+        assert_eq!(
+            found.iter().map(|b| b.waits).collect::<Vec<_>>(),
+            vec![false, true],
+            "10 is where it begins"
         );
     }
 

@@ -270,6 +270,9 @@ pub struct Session {
     pub is_superuser: bool,
     /// The caller may signal this backend by PostgreSQL's own rules (see `signal::may_signal`).
     pub caller_may_signal: bool,
+    /// When the longest-waiting of the sessions it holds up in the lock manager began to wait, if
+    /// it holds any up and waits for no lock itself; 0 otherwise, or when not looked up.
+    pub blocking_since: Micros,
 }
 
 impl Session {
@@ -616,6 +619,7 @@ pub(crate) mod test_support {
             is_own: false,
             is_superuser: false,
             caller_may_signal: true,
+            blocking_since: 0,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Rules compete within their kind (their `state` column). For each kind that applies to a
 //! session right now ('idle' to idle sessions, 'idle in transaction' to sessions idle inside a
-//! transaction, 'active' to running ones, 'transaction' to any session inside a transaction), the
+//! transaction, 'active' to running ones, 'transaction' to any session inside a transaction,
+//! 'blocking' to a session that holds up another's lock request and waits for no lock itself), the
 //! enabled rule of that kind whose patterns match and whose priority is highest governs (among
 //! equal priorities, the one whose deadline comes first). The session then runs into the earliest
 //! of those deadlines. A high-priority rule with a long timeout is therefore how an exception is
@@ -23,11 +24,14 @@ pub enum Measure {
     Transaction,
     /// Running a statement, since it began.
     Active,
+    /// Holding up another session in the lock manager (and waiting for no lock itself), since
+    /// the longest-waiting of those it holds up began to wait.
+    Blocking,
 }
 
 impl Measure {
-    const ALL: [Measure; 4] =
-        [Measure::Idle, Measure::IdleInTransaction, Measure::Transaction, Measure::Active];
+    const ALL: [Measure; 5] =
+        [Measure::Idle, Measure::IdleInTransaction, Measure::Transaction, Measure::Active, Measure::Blocking];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -35,16 +39,18 @@ impl Measure {
             Measure::IdleInTransaction => "idle in transaction",
             Measure::Transaction => "transaction",
             Measure::Active => "active",
+            Measure::Blocking => "blocking",
         }
     }
 
-    /// What the session was doing for the measured time, as its client is told.
-    pub fn doing(self) -> &'static str {
+    /// What the session was doing for the measured time `how_long`, as its client is told.
+    pub fn told(self, how_long: &str) -> String {
         match self {
-            Measure::Idle => "idle",
-            Measure::IdleInTransaction => "idle in transaction",
-            Measure::Transaction => "in a transaction",
-            Measure::Active => "running a statement",
+            Measure::Idle => format!("idle for {how_long}"),
+            Measure::IdleInTransaction => format!("idle in transaction for {how_long}"),
+            Measure::Transaction => format!("in a transaction for {how_long}"),
+            Measure::Active => format!("running a statement for {how_long}"),
+            Measure::Blocking => format!("holding up another session's lock request for {how_long}"),
         }
     }
 
@@ -61,6 +67,7 @@ impl Measure {
             }
             (Measure::Transaction, _) => s.xact_start,
             (Measure::Active, state) if state.is_running() => s.query_start,
+            (Measure::Blocking, _) => s.blocking_since,
             _ => return None,
         };
         (since != 0).then_some(since)
@@ -223,6 +230,7 @@ pub struct Limits {
     pub idle: Micros,
     pub idle_in_transaction: Micros,
     pub transaction: Micros,
+    pub blocking: Micros,
 }
 
 /// Which rule governs a session, and when the session runs into it.
@@ -249,6 +257,7 @@ impl RuleSet {
                     settings.idle_in_transaction,
                 ),
                 ("session_kill.transaction_timeout", Measure::Transaction, settings.transaction),
+                ("session_kill.blocker_timeout", Measure::Blocking, settings.blocking),
             ]
             .into_iter()
             .filter(|(_, _, timeout)| *timeout > 0)
@@ -260,6 +269,11 @@ impl RuleSet {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Some enabled rule (or setting) measures this.
+    pub fn measures(&self, measure: Measure) -> bool {
+        self.rules.iter().any(|r| r.measure == measure)
     }
 
     /// The rule that governs `s` now (see the module comment), with its deadline.
@@ -402,7 +416,7 @@ mod tests {
 
     #[test]
     fn settings_alone_follow_the_state_and_the_earliest_limit_wins() {
-        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 };
+        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 };
         let set = RuleSet::new(vec![], limits);
         let idle = client(1, State::Idle, 5);
         assert_eq!(governing(&set, &idle), Some(("session_kill.idle_timeout".into(), NOW + 55 * SEC)));
@@ -419,6 +433,17 @@ mod tests {
         let active_tx = Session { xact_start: NOW - 40 * SEC, ..client(6, State::Active, 0) };
         assert_eq!(governing(&with_tx, &active_tx), Some((tx, NOW - 10 * SEC)));
         assert!(RuleSet::new(vec![], Limits::default()).is_empty(), "all off");
+    }
+
+    #[test]
+    fn a_blocking_limit_counts_from_the_longest_wait_it_causes_and_spares_the_rest() {
+        let set = RuleSet::new(vec![], Limits { blocking: 30 * SEC, ..Limits::default() });
+        assert!(set.measures(Measure::Blocking) && !set.measures(Measure::Idle));
+        let blocker = Session { blocking_since: NOW - 20 * SEC, ..client(1, State::IdleInTransaction, 300) };
+        assert_eq!(governing(&set, &blocker), Some(("session_kill.blocker_timeout".into(), NOW + 10 * SEC)));
+        assert_eq!(governing(&set, &client(2, State::IdleInTransaction, 300)), None, "blocks nobody");
+        let rule = rules(vec![row(7, "blocking", 5)], Limits::default());
+        assert_eq!(governing(&rule, &blocker), Some(("rule 7".into(), NOW - 15 * SEC)));
     }
 
     #[test]
@@ -546,7 +571,7 @@ mod tests {
     fn next_scan_is_the_earliest_deadline_or_the_shortest_timeout() {
         let set = rules(
             vec![row(1, "active", 7)],
-            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0 },
+            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 },
         );
         assert_eq!(set.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
         assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));

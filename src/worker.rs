@@ -13,10 +13,11 @@ use crate::clock::StepSafeClock;
 use crate::counters::Source;
 use crate::gucs;
 use crate::kill;
+use crate::lock_graph;
 use crate::policy::{
     duration_text, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
-use crate::rules::{Action, Origin, Rule, RuleSet};
+use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::{self, Signal, SignalError};
 use crate::sync;
@@ -162,6 +163,19 @@ impl Default for Worker {
     }
 }
 
+/// For sessions where a chain of lock waits begins, when its longest wait began; read from the
+/// lock manager only while some rule or setting limits blocking.
+fn blocking_since(rules: &RuleSet) -> HashMap<i32, Micros> {
+    if !rules.measures(Measure::Blocking) {
+        return HashMap::new();
+    }
+    lock_graph::blockers(&backends::locks())
+        .into_iter()
+        .filter(|b| !b.waits)
+        .map(|b| (b.pid, b.waiting_since))
+        .collect()
+}
+
 fn key(s: &Session) -> BackendKey {
     (s.pid, s.backend_start)
 }
@@ -201,13 +215,19 @@ impl Worker {
     /// Ends every session past its deadline, relieves connection pressure, starts a sync of the
     /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan(&mut self) -> Option<Micros> {
+        let rules = self.rules();
         let read = backends::sessions();
+        let blocking = blocking_since(&rules);
         let now = self.read_clocks();
-        let sessions: HashMap<i32, Session> =
-            read.into_iter().map(|(pid, s)| (pid, self.clock.corrected(&s))).collect();
+        let sessions: HashMap<i32, Session> = read
+            .into_iter()
+            .map(|(pid, s)| {
+                let s = Session { blocking_since: blocking.get(&pid).copied().unwrap_or(0), ..s };
+                (pid, self.clock.corrected(&s))
+            })
+            .collect();
         self.databases.clear();
         let sync_at = sync::launch_if_due(now);
-        let rules = self.rules();
         let usage = gucs::MAX_CONNECTION_USAGE.get();
         let alive = |k: &BackendKey| sessions.get(&k.0).is_some_and(|s| s.backend_start == k.1);
         self.handled.retain(alive);
@@ -278,6 +298,7 @@ impl Worker {
     fn enforce(&mut self, chosen: &Session, rules: &RuleSet) -> Option<Micros> {
         let now = self.now();
         let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
+        fresh.session.blocking_since = blocking_since(rules).get(&chosen.pid).copied().unwrap_or(0);
         fresh.session = self.clock.corrected(&fresh.session);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
@@ -296,7 +317,7 @@ impl Worker {
             Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
         };
         let measured = now - (verdict.deadline - verdict.rule.timeout);
-        let told = format!("{} for {}, over {over}", verdict.rule.measure.doing(), duration_text(measured));
+        let told = format!("{}, over {over}", verdict.rule.measure.told(&duration_text(measured)));
         match self.cancelled.get(&key(chosen)) {
             Some(grace_end) if now < *grace_end => return Some(*grace_end),
             Some(_) => {}

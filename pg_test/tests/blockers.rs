@@ -110,3 +110,58 @@ fn blockers_names_holders_and_queue_jumpers_like_pg_blocking_pids() {
     }
     assert!(blockers(&mut admin, &db).is_empty());
 }
+
+/// A forgotten transaction holds up an ALTER TABLE and the SELECTs behind it: once the ALTER has
+/// waited past the limit, the worker ends the forgotten transaction (where the chain of waits
+/// begins), never the ALTER or the SELECTs that are only queued, nor a bystander idle in a
+/// transaction that holds nobody up.
+fn the_worker_ends_where_the_chain_of_waits_begins(s: &Server, told_over: &str) {
+    let mut admin = s.admin();
+    admin.batch_execute("CREATE TABLE IF NOT EXISTS queue_t (id int); GRANT SELECT ON queue_t TO app").unwrap();
+    let mut bystander = Session::idle_in_transaction(s.connect("postgres", APP));
+    let mut reader = Session::idle_in_transaction(s.connect("postgres", APP));
+    reader.client.batch_execute("SELECT count(*) FROM queue_t").unwrap();
+    let alter = ActiveSession::running(s, s.connect("postgres", "postgres"), "ALTER TABLE queue_t ADD COLUMN n int");
+    let select = ActiveSession::running(s, s.connect("postgres", APP), "SELECT count(*) FROM queue_t");
+    s.wait_until_gone(reader.pid);
+    assert_eq!(alter.finish().0, Ok(()), "the ALTER got its lock");
+    assert_eq!(select.finish().0, Ok(()), "the SELECT queued behind it ran");
+    assert_alive(&mut bystander);
+    let log = s.server_log();
+    let detail = log
+        .lines()
+        .skip_while(|l| {
+            !(l.contains(&format!("[{}] ", reader.pid))
+                && l.ends_with("terminating connection due to administrator command"))
+        })
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        detail.contains("DETAIL:  session_kill: holding up another session's lock request for 1.")
+            && detail.ends_with(told_over),
+        "{detail}"
+    );
+    let _ = reader.probe();
+}
+
+#[test]
+fn blocker_timeout_ends_the_session_that_holds_everyone_up() {
+    let s = Server::start(&["session_kill.blocker_timeout = '1s'"]);
+    the_worker_ends_where_the_chain_of_waits_begins(&s, "over session_kill.blocker_timeout (1.0s)");
+    s.stop();
+}
+
+#[test]
+fn a_blocking_rule_ends_the_session_that_holds_everyone_up() {
+    let s = Server::start(&[]);
+    let id: i64 = s
+        .admin()
+        .query_one("INSERT INTO session_kill.rules (role, state, timeout) VALUES ('app', 'blocking', '1s') RETURNING id", &[])
+        .unwrap()
+        .get(0);
+    wait_for(Duration::from_secs(20), || {
+        s.admin().query_one("SELECT rules FROM session_kill.worker", &[]).unwrap().get::<_, i32>(0) == 1
+    });
+    the_worker_ends_where_the_chain_of_waits_begins(&s, &format!("over rule {id}"));
+    s.stop();
+}
