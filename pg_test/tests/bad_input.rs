@@ -800,6 +800,7 @@ fn bad_input_is_an_error_with_sqlstate_message_and_hint_and_nothing_is_signalled
     ];
     let mut plain = s.connect("postgres", PLAIN);
     let mut counts = Vec::new();
+    let mut failures = Vec::new();
     for group in &groups {
         for case in &group.cases {
             let client = match case.caller {
@@ -807,14 +808,21 @@ fn bad_input_is_an_error_with_sqlstate_message_and_hint_and_nothing_is_signalled
                 Caller::Plain => &mut plain,
                 Caller::AdminAscii => &mut ascii_admin,
             };
-            check(client, case);
+            let what = format!("[{}] {}", case.group, abbreviated(&case.sql));
+            let outcome = check(client, case);
+            let crashed = outcome.as_ref().is_err_and(|e| e.starts_with("the backend did not survive"));
+            if let Err(wrong) = outcome {
+                failures.push(format!("{what}: {wrong}"));
+            }
+            assert!(!crashed, "the backend crashed; failures so far:\n{}", failures.join("\n"));
             let alive: i64 = s
                 .probe_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&victim_pids])
                 .get(0);
-            assert_eq!(alive, victim_pids.len() as i64, "[{}] {}: a victim is gone", case.group, case.sql);
+            assert_eq!(alive, victim_pids.len() as i64, "{what}: a victim is gone");
         }
         counts.push(format!("{} {}", group.name, group.cases.len()));
     }
+    assert!(failures.is_empty(), "{} of the cases failed:\n{}", failures.len(), failures.join("\n"));
     // A client cannot switch a limit off for itself at login either.
     let mut config = s.config("postgres", APP);
     config.options("-c session_kill.idle_timeout=0");
@@ -865,42 +873,53 @@ fn count(client: &mut Client, sql: &str) -> i64 {
     client.query_one(&format!("SELECT ({sql})::bigint"), &[]).unwrap().get(0)
 }
 
-/// Runs one case and checks its outcome and the style of its error; the backend must survive.
-fn check(client: &mut Client, case: &Case) {
-    let what = format!("[{}] {}", case.group, abbreviated(&case.sql));
+/// Runs one case and checks its outcome and the style of its error. Returns what is wrong.
+fn check(client: &mut Client, case: &Case) -> Result<(), String> {
     let result = client.batch_execute(&case.sql);
     // Leave no failed transaction behind for the next case.
     let _ = client.batch_execute("ROLLBACK");
-    assert!(client.simple_query("SELECT 1").is_ok(), "{what}: the backend did not survive");
-    match (&case.expect, result) {
-        (Expect::Accepted, Ok(())) => {}
-        (Expect::Accepted, Err(e)) => panic!("{what}: refused: {e:?}"),
-        (Expect::Error { .. }, Ok(())) => panic!("{what}: accepted"),
-        (Expect::Error { code, message, hint }, Err(e)) => {
-            let db_err = e.as_db_error().unwrap_or_else(|| panic!("{what}: {e}"));
-            let got = db_err.message();
-            assert_eq!(db_err.code().code(), *code, "{what}: {got}");
-            match message.strip_suffix(" …") {
-                Some(start) => assert!(got.starts_with(start), "{what}: message {got:?}"),
-                None => assert_eq!(got, message, "{what}"),
-            }
-            let first = got.chars().next().unwrap_or('x');
-            assert!(!first.is_uppercase() && !got.ends_with('.'), "{what}: message style: {got:?}");
-            let got_hint = db_err.hint();
-            if !hint.is_empty() {
-                let got_hint = got_hint.unwrap_or_else(|| panic!("{what}: no hint"));
-                assert!(got_hint.contains(hint), "{what}: hint {got_hint:?} lacks {hint:?}");
-            }
-            for (field, text) in [("hint", got_hint), ("detail", db_err.detail())] {
-                if let Some(text) = text {
-                    let first = text.chars().next().unwrap_or('x');
-                    assert!(
-                        text.ends_with('.') && !first.is_lowercase(),
-                        "{what}: a {field} is a sentence: {text:?}"
-                    );
-                }
-            }
+    if client.simple_query("SELECT 1").is_err() {
+        return Err(format!("the backend did not survive ({result:?})"));
+    }
+    let (Expect::Error { code, message, hint }, Err(e)) = (&case.expect, &result) else {
+        return match (&case.expect, result) {
+            (Expect::Accepted, Err(e)) => Err(format!("refused: {e}")),
+            (Expect::Error { .. }, Ok(())) => Err("accepted".to_owned()),
+            _ => Ok(()),
+        };
+    };
+    let db_err = e.as_db_error().ok_or_else(|| format!("not an error from the server: {e}"))?;
+    let got = db_err.message();
+    let mut wrong = Vec::new();
+    if db_err.code().code() != *code {
+        wrong.push(format!("SQLSTATE {} instead of {code}", db_err.code().code()));
+    }
+    let message_ok = match message.strip_suffix(" …") {
+        Some(start) => got.starts_with(start),
+        None => got == message,
+    };
+    if !message_ok {
+        wrong.push(format!("message {:?} instead of {message:?}", abbreviated(got)));
+    }
+    if got.starts_with(char::is_uppercase) || got.ends_with('.') {
+        wrong.push(format!("message {:?} is not in PostgreSQL's style", abbreviated(got)));
+    }
+    match (db_err.hint(), hint.is_empty()) {
+        (None, false) => wrong.push(format!("no hint (expected one with {hint:?})")),
+        (Some(got_hint), false) if !got_hint.contains(hint) => {
+            wrong.push(format!("hint {got_hint:?} lacks {hint:?}"))
         }
+        _ => {}
+    }
+    for (field, text) in [("hint", db_err.hint()), ("detail", db_err.detail())] {
+        if let Some(text) = text.filter(|t| !t.ends_with('.') || t.starts_with(char::is_lowercase)) {
+            wrong.push(format!("{field} {:?} is not a sentence", abbreviated(text)));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
     }
 }
 
