@@ -11,6 +11,7 @@ use crate::kill::{self, KillRequest, Target};
 use crate::policy::{
     escape, BackendKind, DatabaseScope, Filter, Micros, Mode, Outcome, Protections, Session,
 };
+use crate::rules::MAX_DURATION;
 use crate::shmem::{require_preloaded, GATES};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
@@ -132,6 +133,14 @@ fn drain_database(
     let allow_superusers =
         allow_superusers.unwrap_or_else(|| null_argument("allow_superusers", "Pass true or false."));
     let reopen_after = reopen_after.map(|r| kill::duration_arg("reopen_after", Some(r)));
+    // The reopening time must stay a timestamp: `now + reopen_after` must not overflow.
+    if reopen_after.is_some_and(|r| r > MAX_DURATION) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "reopen_after is out of range",
+            "Give a reopen_after of at most 100 years, or NULL to keep the database closed until undrain_database().",
+        );
+    }
     let oid = kill::database_oid(&db);
     // SAFETY: MyDatabaseId is set for every connected backend.
     if oid == unsafe { pg_sys::MyDatabaseId }.to_u32() {

@@ -144,8 +144,10 @@ pub fn list(setting: &GucSetting<Option<CString>>) -> String {
     setting.get().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// `GUC_LIST_INPUT`, which pgrx's `GucFlags` has no name for (`from_bits_truncate` would drop it,
+/// and `ALTER SYSTEM SET session_kill.protected_roles = a, b` would be refused).
 fn list_input() -> GucFlags {
-    GucFlags::from_bits_truncate(pgrx::pg_sys::GUC_LIST_INPUT as i32)
+    GucFlags::from_bits_retain(pgrx::pg_sys::GUC_LIST_INPUT as i32)
 }
 
 /// `session_kill.database`, unless empty.

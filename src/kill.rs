@@ -11,10 +11,11 @@ use crate::policy::{
     Protections, Recheck, Session, State,
 };
 use crate::signal::{self, Signal, SignalError};
-use crate::sqltypes::{self, Name};
-use pgrx::datum::{Inet, Interval, TimestampWithTimeZone};
+use crate::sqltypes::{self, Name, Text};
+use pgrx::datum::{Array, Inet, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::time::Duration;
@@ -85,17 +86,17 @@ fn sessions(
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn kill_sessions(
     db: Option<Name>,
-    mode: default!(Option<String>, "'terminate'"),
+    mode: default!(Option<Text>, "'terminate'"),
     min_idle: default!(Option<Interval>, "'0'"),
     usename: default!(Option<Name>, "NULL"),
-    application_name: default!(Option<&str>, "NULL"),
+    application_name: default!(Option<Text>, "NULL"),
     client_addr: default!(Option<sqltypes::Cidr>, "NULL"),
-    states: default!(Option<Vec<Option<String>>>, "NULL"),
+    states: default!(Option<Array<Text>>, "NULL"),
     grace: default!(Option<Interval>, "'5s'"),
     wait: default!(Option<Interval>, "'10s'"),
     include_superusers: default!(Option<bool>, "false"),
     all_databases: default!(Option<bool>, "false"),
-    reason: default!(Option<&str>, "NULL"),
+    reason: default!(Option<Text>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -124,7 +125,8 @@ fn kill_sessions(
             "Pass either a database name or all_databases => true.",
         ),
     };
-    let mode = Mode::parse(&mode.unwrap_or_else(|| null_argument("mode", MODES_HINT)));
+    let mode = mode.unwrap_or_else(|| null_argument("mode", MODES_HINT));
+    let mode = Mode::parse(&bounded("mode", mode, MAX_KEYWORD, MODES_HINT));
     let request = KillRequest {
         source: Source::KillSessions,
         mode: or_raise(mode),
@@ -133,7 +135,8 @@ fn kill_sessions(
             min_idle: duration_arg("min_idle", min_idle),
             role: usename.map(|name| existing_role(name.0)),
             application: application_name.map(|p| {
-                or_raise(LikePattern::parse(bounded("application_name pattern", p, MAX_FILTER_PATTERN)))
+                let pattern = bounded("application_name pattern", p, MAX_FILTER_PATTERN, "");
+                or_raise(LikePattern::parse(&pattern))
             }),
             client: client_addr.map(|c| or_raise(Cidr::parse(&c.0))),
             states: states.map(state_list),
@@ -142,7 +145,7 @@ fn kill_sessions(
         grace: duration_arg("grace", grace),
         wait: duration_arg("wait", wait),
         protections: configured_protections(superuser_choice(include_superusers)),
-        reason: reason.map(|r| bounded("reason", r, MAX_REASON).to_owned()),
+        reason: reason.map(|r| bounded("reason", r, MAX_REASON, "").into_owned()),
     };
     let targets = request.execute();
     TableIterator::new(targets.into_iter().map(|t| {
@@ -464,27 +467,29 @@ fn existing_role(name: String) -> String {
     name
 }
 
-/// Caller text is checked for length before it is parsed, matched or copied.
+/// Caller text is checked for length before it is converted, parsed, matched or copied.
 const MAX_FILTER_PATTERN: usize = 256;
 const MAX_REASON: usize = 1024;
 const MAX_STATES: usize = 64;
+/// Modes and states are short words; longer text is not one of them.
+const MAX_KEYWORD: usize = 64;
 
-fn bounded<'a>(what: &str, text: &'a str, max: usize) -> &'a str {
+/// `text` as UTF-8 once it is known to be at most `max` bytes long. The hint defaults to
+/// saying the limit.
+fn bounded<'a>(what: &str, text: Text<'a>, max: usize, hint: &str) -> Cow<'a, str> {
     if text.len() > max {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{what} is too long"),
-            format!("Give at most {max} bytes."),
-        );
+        let hint = if hint.is_empty() { format!("Give at most {max} bytes.") } else { hint.to_owned() };
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{what} is too long"), hint);
     }
-    text
+    text.to_str()
 }
 
-fn state_list(states: Vec<Option<String>>) -> Vec<State> {
+fn state_list(states: Array<Text>) -> Vec<State> {
     let hint = format!("Valid states are: {}.", State::ALL.map(State::label).join(", "));
     if states.is_empty() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "states must not be empty", hint);
     }
+    // Counted before any element is read: the array may hold millions.
     if states.len() > MAX_STATES {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -493,8 +498,12 @@ fn state_list(states: Vec<Option<String>>) -> Vec<State> {
         );
     }
     states
-        .into_iter()
-        .map(|s| or_raise(State::parse(&s.unwrap_or_else(|| null_argument("states element", &hint)))))
+        .iter()
+        .map(|s| {
+            pgrx::check_for_interrupts!();
+            let s = s.unwrap_or_else(|| null_argument("states element", &hint));
+            or_raise(State::parse(&bounded("states element", s, MAX_KEYWORD, &hint)))
+        })
         .collect()
 }
 

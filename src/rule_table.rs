@@ -5,6 +5,7 @@
 use crate::errors::{or_raise, raise};
 use crate::kill::duration_arg;
 use crate::rules::{Rule, RuleRow, MAX_PATTERN_LEN};
+use crate::sqltypes::Text;
 use crate::{gucs, sync};
 use pgrx::datum::Interval;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -17,13 +18,13 @@ use std::cell::Cell;
 #[pg_extern(stable, parallel_safe)]
 #[allow(clippy::too_many_arguments)]
 fn check_rule(
-    database: Option<&str>,
-    role: Option<&str>,
-    application: Option<&str>,
-    client_addr: Option<&str>,
-    state: Option<&str>,
+    database: Option<Text>,
+    role: Option<Text>,
+    application: Option<Text>,
+    client_addr: Option<Text>,
+    state: Option<Text>,
     timeout: Option<Interval>,
-    action: Option<&str>,
+    action: Option<Text>,
     grace: Option<Interval>,
 ) {
     let (
@@ -38,13 +39,14 @@ fn check_rule(
     else {
         return;
     };
-    // Lengths are checked before anything is copied: a row may carry megabytes of text.
+    // Lengths are checked before anything is converted or copied: a row may carry megabytes of
+    // text (and check_rule may be called directly by anyone).
     let row = RuleRow {
         id: 0,
         database: bounded("database pattern", database),
         role: bounded("role pattern", role),
         application: bounded("application pattern", application),
-        client_addr: client_addr.map(|c| c.to_owned()),
+        client_addr: client_addr.map(|c| bounded("client_addr", c)),
         state: bounded("state", state),
         timeout: crate::kill::interval_micros(timeout),
         action: bounded("action", action),
@@ -54,7 +56,7 @@ fn check_rule(
     or_raise(Rule::from_row(&row));
 }
 
-fn bounded(column: &str, text: &str) -> String {
+fn bounded(column: &str, text: Text) -> String {
     if text.len() > MAX_PATTERN_LEN {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -62,7 +64,7 @@ fn bounded(column: &str, text: &str) -> String {
             format!("Rules' text columns hold at most {MAX_PATTERN_LEN} bytes, like PostgreSQL names."),
         );
     }
-    text.to_owned()
+    text.to_str().into_owned()
 }
 
 thread_local! {

@@ -132,7 +132,7 @@ pub struct RuleRow {
 
 /// Longer timeouts and graces are refused: deadlines stay far from overflowing. 100 years as
 /// PostgreSQL compares intervals (`'100 years' = '36000 days'`).
-const MAX_DURATION: Micros = 100 * 12 * 30 * 24 * 3600 * 1_000_000;
+pub const MAX_DURATION: Micros = 100 * 12 * 30 * 24 * 3600 * 1_000_000;
 
 /// Patterns are kept in shared memory, in fixed slots of this many bytes.
 pub const MAX_PATTERN_LEN: usize = 63;

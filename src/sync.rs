@@ -355,6 +355,8 @@ fn load_rules() {
             client
                 .select(&query, None, &[])?
                 .map(|row| {
+                    // The table may hold any number of rows: SIGTERM must not wait for them all.
+                    pgrx::check_for_interrupts!();
                     Ok(RuleRow {
                         id: row.get(1)?.unwrap_or_default(),
                         database: row.get(2)?.unwrap_or_default(),
@@ -394,6 +396,7 @@ fn keep_rules(database: &str, why: &str) {
 fn publish(rows: Vec<RuleRow>, database: &str) {
     let mut valid = Vec::with_capacity(rows.len());
     for row in rows {
+        pgrx::check_for_interrupts!();
         match Rule::from_row(&row) {
             Ok(_) => valid.push(row),
             Err(e) => warning!("session_kill: rule {} ignored: {}", row.id, e.message),
