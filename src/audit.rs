@@ -9,7 +9,6 @@
 //! it as it stands, and the sync also writes entries whose caller is gone. On a hot standby
 //! nothing is queued; the server log line each action writes is the record there.
 
-use crate::backends::Backend;
 use crate::counters::Source;
 use crate::fixed::FixedText;
 use crate::policy::{Micros, Session, State};
@@ -211,30 +210,6 @@ pub struct Act<'a> {
     pub query: Option<&'a str>,
     pub action: &'a str,
     pub outcome: &'a str,
-}
-
-impl<'a> Act<'a> {
-    /// An action on a session described by `backend`.
-    pub fn on(
-        source: Source,
-        backend: &'a Backend,
-        session: &'a Session,
-        action: &'a str,
-        outcome: &'a str,
-    ) -> Self {
-        Act {
-            source,
-            counted_as: action,
-            rule: None,
-            reason: None,
-            pid: session.pid,
-            session: Some(session),
-            database: backend.datname.as_deref(),
-            query: backend.query.as_deref(),
-            action,
-            outcome,
-        }
-    }
 }
 
 /// Records a finished action (a worker's signal, a dry run, a skip): counted and queued at once.

@@ -1,7 +1,7 @@
 //! Draining a database: a connection gate in shared memory checked at client authentication,
 //! plus `drain_database()`, `undrain_database()` and `drains()`.
 
-use crate::audit::{self, Act};
+use crate::act::{Progress, Subject};
 use crate::backends;
 use crate::counters::Source;
 use crate::errors::{null_argument, raise, sql_literal};
@@ -284,7 +284,7 @@ impl Drain {
         }
     }
 
-    fn run(mut self, allow_superusers: bool, reopen_after: Option<Micros>) -> Report {
+    fn run(self, allow_superusers: bool, reopen_after: Option<Micros>) -> Report {
         let now = backends::now();
         // SAFETY: GetUserId is valid inside a transaction.
         let closed_by = unsafe { pg_sys::GetUserId() }.to_u32();
@@ -313,8 +313,7 @@ impl Drain {
         self.tally(self.request.act(first), &mut handled, &mut totals);
 
         // Sweep: end sessions that appear late, wait for the rest to go.
-        self.request.mode = Mode::Terminate;
-        self.request.wait = 0;
+        let sweep = KillRequest { mode: Mode::Terminate, wait: 0, ..self.request.clone() };
         // Logins admitted before the gate closed that are not (yet) visible as sessions of the
         // database, at any stage of start-up; each is checked until it shows up as a session (then
         // it is ended like the others) or goes away.
@@ -327,45 +326,27 @@ impl Drain {
             // protected login (a superuser's, a protected role's) is left alone like a session.
             for login in &starting {
                 let session = starting_session(login, self.oid);
-                if self.request.protections.protection(&session).is_some()
+                let subject = Subject { session: &session, database: Some(&self.db), query: None };
+                let mut progress = Progress::default();
+                if sweep.protections.protection(&session).is_some()
                     || !signalled_starting.insert((login.pid, login.started))
-                    || !self.terminate_starting(login)
+                    || !self.terminate_starting(&sweep, login, &subject, &mut progress)
                 {
                     continue;
                 }
-                log!(
-                    "session_kill: sent terminate to pid {} (a login to database {} still starting up)",
-                    login.pid,
-                    escape(&self.db)
-                );
-                audit::record(
-                    &Act {
-                        source: Source::DrainDatabase,
-                        counted_as: "terminate",
-                        rule: None,
-                        reason: self.request.reason.as_deref(),
-                        pid: login.pid,
-                        session: Some(&session),
-                        database: Some(&self.db),
-                        query: None,
-                        action: "terminate",
-                        outcome: &Outcome::Signalled.to_string(),
-                    },
-                    true,
-                );
+                sweep.finish(&subject, &progress, Outcome::Signalled);
                 totals.1 += 1;
             }
             if (left.is_empty() && starting.is_empty()) || self.started.elapsed() >= self.timeout {
                 break left;
             }
             if left.iter().any(|s| !handled.contains(&(s.pid, s.backend_start))) {
-                let fresh: Vec<Target> = self
-                    .request
+                let fresh: Vec<Target> = sweep
                     .select()
                     .into_iter()
                     .filter(|t| !handled.contains(&(t.chosen.pid, t.chosen.backend_start)))
                     .collect();
-                self.tally(self.request.act(fresh), &mut handled, &mut totals);
+                self.tally(sweep.act(fresh), &mut handled, &mut totals);
             }
             signal::wait_until(SWEEP_INTERVAL, || false);
         };
@@ -395,10 +376,10 @@ impl Drain {
     /// Counts cancels and terminations, and remembers which backends were dealt with.
     fn tally(&self, targets: Vec<Target>, handled: &mut HashSet<(i32, Micros)>, totals: &mut (i32, i32)) {
         for t in targets {
-            if t.action.starts_with("cancel") {
+            if t.progress.action.cancelled() {
                 totals.0 += 1;
             }
-            if t.action.ends_with("terminate") {
+            if t.progress.action.terminated() {
                 totals.1 += 1;
             }
             // Protected sessions stay "handled" too: they are reported at the timeout.
@@ -424,12 +405,15 @@ impl Drain {
 
     /// Terminates a starting login, holding the gate table so the backend cannot finish exiting
     /// (and free its PID for another process) between the check and the signal.
-    fn terminate_starting(&self, login: &Admission) -> bool {
+    fn terminate_starting(
+        &self,
+        sweep: &KillRequest,
+        login: &Admission,
+        subject: &Subject,
+        progress: &mut Progress,
+    ) -> bool {
         let gates = GATES.share();
-        let told =
-            format!("database \"{}\" is being drained by {}", self.db, audit::actor(Source::DrainDatabase));
-        gates.remembers(login)
-            && signal::send_telling(login.pid, login.started, Signal::Terminate, &told).is_ok()
+        gates.remembers(login) && sweep.send(subject, Signal::Terminate, progress).is_ok()
     }
 
     fn fail(&self, left: &[Session], starting: &[Admission]) -> ! {
@@ -438,7 +422,7 @@ impl Drain {
             .iter()
             .map(|s| {
                 let why = protections.protection(s).map_or("did not exit", |p| p.label());
-                format!("{}: {why}", s.describe())
+                format!("{}: {why}", s.describe(Some(&self.db)))
             })
             .collect();
         for login in starting {

@@ -1,16 +1,17 @@
 //! `session_kill.sessions()` and `session_kill.kill_sessions()`: thin SQL wrappers over the
 //! snapshot, the policy and the signal modules.
 
-use crate::audit::{self, Act};
+use crate::act::{Acting, Progress, Subject};
+use crate::audit;
 use crate::backends::{self, Backend};
 use crate::counters::Source;
 use crate::errors::{null_argument, or_raise, raise};
 use crate::gucs;
 use crate::policy::{
-    escape, query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protection,
-    Protections, Recheck, Session, State,
+    query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protections,
+    Recheck, Session, State,
 };
-use crate::signal::{self, Signal, SignalError};
+use crate::signal::{self, Signal};
 use crate::sqltypes::{self, Name, Text};
 use pgrx::datum::{Array, Inet, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -158,12 +159,13 @@ fn kill_sessions(
             Some(s.application.clone()),
             t.selected_state.filter(|_| shown).map(|st| st.label().to_owned()),
             t.selected_idle_for.filter(|_| shown).map(interval),
-            t.action.to_owned(),
+            t.progress.action.label().to_owned(),
             t.outcome.map_or_else(String::new, |o| o.to_string()),
         )
     }))
 }
 
+#[derive(Clone)]
 pub(crate) struct KillRequest {
     pub(crate) source: Source,
     pub(crate) mode: Mode,
@@ -181,10 +183,19 @@ pub(crate) struct Target {
     pub(crate) chosen: Session,
     selected_state: Option<State>,
     selected_idle_for: Option<Micros>,
-    pub(crate) action: &'static str,
     pub(crate) outcome: Option<Outcome>,
-    /// Its audit entry, queued when the first signal was sent.
-    audit: Option<audit::Pending>,
+    /// What was done to it, and its audit entry once a signal went out.
+    pub(crate) progress: Progress,
+}
+
+impl Target {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            session: &self.chosen,
+            database: self.backend.datname.as_deref(),
+            query: self.backend.query.as_deref(),
+        }
+    }
 }
 
 impl KillRequest {
@@ -204,9 +215,8 @@ impl KillRequest {
                 selected_state: backend.session.state,
                 selected_idle_for: backend.session.idle_for(now),
                 backend,
-                action: "none",
                 outcome: None,
-                audit: None,
+                progress: Progress::default(),
             })
             .collect();
         targets.sort_by_key(|t| t.chosen.pid);
@@ -224,20 +234,19 @@ impl KillRequest {
     pub(crate) fn act(&self, targets: Vec<Target>) -> Vec<Target> {
         let targets = self.signal_and_wait(targets);
         for t in &targets {
-            let outcome = t.outcome.map_or_else(String::new, |o| o.to_string());
-            match &t.audit {
-                Some(pending) => pending.settle(t.action, &outcome),
-                None => audit::record(&self.audit_act(t, &outcome), false),
-            }
+            // Every target has its outcome by now; a signal sent without waiting is `signalled`.
+            self.finish(&t.subject(), &t.progress, t.outcome.unwrap_or(Outcome::Signalled));
         }
         targets
     }
 
-    fn audit_act<'a>(&'a self, t: &'a Target, outcome: &'a str) -> Act<'a> {
-        Act {
+    fn acting<'a>(&'a self, told: &'a str) -> Acting<'a> {
+        Acting {
+            source: self.source,
             counted_as: self.mode.label(),
+            rule: None,
             reason: self.reason.as_deref(),
-            ..Act::on(self.source, &t.backend, &t.chosen, t.action, outcome)
+            told,
         }
     }
 
@@ -329,7 +338,6 @@ impl KillRequest {
             if !backends::live_session(t.chosen.pid).is_some_and(|s| s.same_backend(&t.chosen)) {
                 t.outcome = Some(Outcome::ExitedAfterCancel);
             } else if self.signal(t, Signal::Terminate) {
-                t.action = "cancel, terminate";
                 terminated.push(i);
             }
         }
@@ -369,42 +377,33 @@ impl KillRequest {
         }
     }
 
-    /// Sends one signal and logs it; on failure records why. Returns whether it was sent.
+    /// Sends `signal` to the subject through the one acting path, telling its client why.
+    pub(crate) fn send(
+        &self,
+        subject: &Subject,
+        signal: Signal,
+        progress: &mut Progress,
+    ) -> Result<(), Outcome> {
+        let told = self.told(subject.database.unwrap_or("?"), signal);
+        self.acting(&told).signal(subject, signal, progress)
+    }
+
+    /// Records the final outcome for one session (see `Acting::finish`).
+    pub(crate) fn finish(&self, subject: &Subject, progress: &Progress, outcome: Outcome) {
+        self.acting("").finish(subject, progress, outcome);
+    }
+
+    /// Sends one signal; on failure records why. Returns whether it was sent.
     fn signal(&self, t: &mut Target, signal: Signal) -> bool {
-        let pid = t.chosen.pid;
-        let told = self.told(t.backend.datname.as_deref().unwrap_or("?"), signal);
-        match signal::send_telling(pid, t.chosen.backend_start, signal, &told) {
-            Ok(()) => {
-                t.action = match signal {
-                    Signal::Cancel => "cancel",
-                    Signal::Terminate => "terminate",
-                };
-                log!(
-                    "session_kill: sent {} to pid {} (database {}, user {}, application \"{}\", state {}){}",
-                    t.action,
-                    pid,
-                    escape(t.backend.datname.as_deref().unwrap_or("?")),
-                    escape(t.chosen.role.as_deref().unwrap_or("?")),
-                    escape(&t.chosen.application),
-                    t.chosen.state.map_or("unknown", State::label),
-                    self.reason.as_deref().map(|r| format!(": {}", escape(r))).unwrap_or_default(),
-                );
-                if t.audit.is_none() {
-                    t.audit = Some(audit::record_signal(&self.audit_act(t, "signalled")));
-                }
-                true
-            }
-            Err(SignalError::Gone) => {
-                t.outcome = Some(Outcome::AlreadyGone);
-                false
-            }
-            Err(SignalError::PermissionDenied) => {
-                t.outcome = Some(Outcome::Protected(Protection::PermissionDenied));
-                false
-            }
-            Err(SignalError::Os(errno)) => {
-                warning!("session_kill: could not send signal to process {pid}: errno {errno}");
-                t.outcome = Some(Outcome::SignalFailed);
+        let subject = Subject {
+            session: &t.chosen,
+            database: t.backend.datname.as_deref(),
+            query: t.backend.query.as_deref(),
+        };
+        match self.send(&subject, signal, &mut t.progress) {
+            Ok(()) => true,
+            Err(outcome) => {
+                t.outcome = Some(outcome);
                 false
             }
         }

@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+mod act;
 mod audit;
 mod backends;
 mod blockers;

@@ -289,14 +289,17 @@ impl Session {
         (self.xact_start != 0).then(|| (now - self.xact_start).max(0))
     }
 
-    /// `pid 42 (user app, application "psql", state idle)`, for log lines and error details.
-    pub fn describe(&self) -> String {
+    /// `pid 42 (database shop, user app, application "psql", state idle)`, for log lines and
+    /// error details.
+    pub fn describe(&self, database: Option<&str>) -> String {
         format!(
-            "pid {} (user {}, application \"{}\", state {})",
+            "pid {} ({}user {}, application \"{}\", state {})",
             self.pid,
+            database.map(|d| format!("database {}, ", escape(d))).unwrap_or_default(),
             escape(self.role.as_deref().unwrap_or("?")),
             escape(&self.application),
-            self.state.map_or("unknown", State::label)
+            // No state yet: a login still starting up.
+            self.state.map_or("starting", State::label)
         )
     }
 
@@ -810,7 +813,7 @@ mod tests {
         assert_eq!(escape("shop"), "shop");
         assert_eq!(escape("a\nFATAL: b\r\t\u{1b}"), "a\\nFATAL: b\\r\\t\\x1b");
         let forged = Session { role: Some("x\nLOG: y".into()), ..client(1, State::Idle, 1) };
-        assert!(!forged.describe().contains('\n'));
+        assert!(!forged.describe(Some("db\nLOG: z")).contains('\n'));
     }
 
     #[test]
@@ -825,11 +828,11 @@ mod tests {
     #[test]
     fn sessions_describe_themselves_for_logs() {
         assert_eq!(
-            client(42, State::Idle, 1).describe(),
-            "pid 42 (user app, application \"psql\", state idle)"
+            client(42, State::Idle, 1).describe(Some("shop")),
+            "pid 42 (database shop, user app, application \"psql\", state idle)"
         );
-        let unknown = Session { role: None, state: None, ..client(7, State::Idle, 1) };
-        assert_eq!(unknown.describe(), "pid 7 (user ?, application \"psql\", state unknown)");
+        let starting = Session { role: None, state: None, ..client(7, State::Idle, 1) };
+        assert_eq!(starting.describe(None), "pid 7 (user ?, application \"psql\", state starting)");
     }
 
     #[test]

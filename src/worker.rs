@@ -7,7 +7,7 @@
 //! sessions crowd `max_connections`; it needs no client slot to do so. It starts the
 //! `session_kill sync` worker (`sync.rs`) that loads the rules and writes the audit table.
 
-use crate::audit::{self, Act};
+use crate::act::{Acting, Progress, Subject};
 use crate::backends::{self, Backend};
 use crate::clock::StepSafeClock;
 use crate::counters::Source;
@@ -19,7 +19,7 @@ use crate::policy::{
 };
 use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
-use crate::signal::{self, Signal, SignalError};
+use crate::signal::Signal;
 use crate::sync;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
@@ -360,48 +360,27 @@ impl Worker {
         }
     }
 
-    /// Terminates or cancels `b` (or, in dry run, says it would), logs why, tells its client
-    /// `told`, and records it under `rule`.
+    /// Terminates or cancels `b` (or, in dry run, says it would) through the one acting path,
+    /// telling its client `told`, and records it under `rule`.
     fn signal(&mut self, b: &Backend, signal: Signal, rule: &str, why: &str, told: &str) {
         let s = &b.session;
-        let (verb, done, action) = match signal {
-            Signal::Terminate => ("terminate", "terminated", "terminate"),
-            Signal::Cancel => ("cancel the statement of", "cancelled the statement of", "cancel"),
-        };
         if signal == Signal::Terminate || gucs::DRY_RUN.get() {
             self.handled.insert(key(s));
         }
-        let who = format!("{}: {why}", s.describe());
+        let acting =
+            Acting { source: Source::Worker, counted_as: rule, rule: Some(rule), reason: Some(why), told };
+        let subject = Subject { session: s, database: b.datname.as_deref(), query: b.query.as_deref() };
+        let mut progress = Progress::default();
         let outcome = if gucs::DRY_RUN.get() {
-            log!("session_kill: dry run, would {verb} {who}");
+            acting.would_signal(&subject, signal);
             Outcome::DryRun
         } else {
-            match signal::send_telling(s.pid, s.backend_start, signal, told) {
-                Ok(()) => {
-                    log!("session_kill: {done} {who}");
-                    if signal == Signal::Terminate {
-                        Outcome::Terminated
-                    } else {
-                        Outcome::Cancelled
-                    }
-                }
-                Err(SignalError::Gone) => Outcome::AlreadyGone,
-                Err(e) => {
-                    warning!("session_kill: could not {verb} {who}: {e:?}");
-                    Outcome::SignalFailed
-                }
+            match acting.signal(&subject, signal, &mut progress) {
+                Ok(()) if signal == Signal::Terminate => Outcome::Terminated,
+                Ok(()) => Outcome::Cancelled,
+                Err(outcome) => outcome,
             }
         };
-        let sent = matches!(outcome, Outcome::Terminated | Outcome::Cancelled);
-        let outcome = outcome.to_string();
-        audit::record(
-            &Act {
-                counted_as: rule,
-                rule: Some(rule),
-                reason: Some(why),
-                ..Act::on(Source::Worker, b, s, action, &outcome)
-            },
-            sent,
-        );
+        acting.finish(&subject, &progress, outcome);
     }
 }

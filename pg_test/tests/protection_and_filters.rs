@@ -264,7 +264,7 @@ fn drain_database_needs_execute_and_ownership_of_the_database() {
             let err = result.as_ref().unwrap_err();
             let detail = err.as_db_error().and_then(|d| d.detail()).unwrap_or_default();
             assert!(
-                detail.contains(&format!("pid {} (user {APP}", target.pid))
+                detail.contains(&format!("pid {} (database {db}, user {APP}", target.pid))
                     && detail.ends_with(": permission denied."),
                 "{caller}: {detail}"
             );

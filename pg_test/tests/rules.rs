@@ -42,7 +42,7 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     s.wait_until_gone(app.pid);
     assert_ended_by_admin_on(&s, app.pid, app.probe());
     assert!(s.server_log().contains(&format!(
-        "session_kill: terminated pid {} (user app, application \"pg_test\", state idle): rule {id} (idle longer than 00:00:00.5) exceeded by",
+        "session_kill: sent terminate to pid {} (database postgres, user app, application \"pg_test\", state idle): rule {id} (idle longer than 00:00:00.5) exceeded by",
         app.pid
     )));
     assert_eq!(other.probe(), ClientView::Alive, "another role");
@@ -136,8 +136,8 @@ fn cancel_then_terminate_cancels_first_and_terminates_after_grace() {
     assert_ne!(stubborn.probe(), ClientView::Alive);
     let log = s.server_log();
     let cancelled =
-        log.find(&format!("cancelled the statement of pid {} ", stubborn.pid)).expect("cancel logged");
-    let terminated = log.find(&format!("terminated pid {} ", stubborn.pid)).expect("termination logged");
+        log.find(&format!("sent cancel to pid {} ", stubborn.pid)).expect("cancel logged");
+    let terminated = log.find(&format!("sent terminate to pid {} ", stubborn.pid)).expect("termination logged");
     assert!(cancelled < terminated, "cancelled first, terminated after grace");
 
     // Cancelling a statement in a transaction block aborts the transaction: its locks and snapshot

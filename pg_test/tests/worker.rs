@@ -47,7 +47,7 @@ fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
     assert_ended_by_admin_on(&s, impostor.pid, impostor.probe());
     assert_ended_by_admin_on(&s, opted_out.pid, opted_out.probe());
-    assert!(logged(&s, &format!("session_kill: terminated pid {} (user app", opted_out.pid)));
+    assert!(logged(&s, &format!("session_kill: sent terminate to pid {} (database postgres, user app", opted_out.pid)));
     assert!(logged(&s, "state idle): session_kill.idle_timeout exceeded by"));
     assert_eq!(active.finish().0, Ok(()), "a running query is not idle, however long it runs");
     assert_eq!(superuser.probe(), ClientView::Alive, "superusers are protected");
@@ -100,7 +100,7 @@ fn transaction_limits_end_idle_and_running_transactions() {
     let long_pid = long.pid;
     let (query, _) = long.finish();
     assert_ended_by_admin_on(&s, long_pid, ClientView::Ended(query.unwrap_err()));
-    assert!(logged(&s, &format!("terminated pid {long_pid} (user app, application \"pg_test\", state active): session_kill.transaction_timeout exceeded")));
+    assert!(logged(&s, &format!("sent terminate to pid {long_pid} (database postgres, user app, application \"pg_test\", state active): session_kill.transaction_timeout exceeded")));
     assert_eq!(idle.probe(), ClientView::Alive, "no transaction, no transaction limit");
     s.stop();
 }
@@ -109,7 +109,7 @@ fn transaction_limits_end_idle_and_running_transactions() {
 fn dry_run_only_logs() {
     let s = Server::start(&["session_kill.idle_timeout = '500ms'", "session_kill.dry_run = on"]);
     let mut idle = Session::idle(s.connect("postgres", APP));
-    wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would terminate pid {} ", idle.pid)));
+    wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would send terminate to pid {} ", idle.pid)));
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(idle.probe(), ClientView::Alive);
     let counted: i64 = s
@@ -122,7 +122,8 @@ fn dry_run_only_logs() {
         .get(0);
     assert_eq!(counted, 1, "reported once, not at every scan");
 
-    // Rules too: the would-be action is logged, counted under the rule and audited, no more.
+    // Rules too: the would-be signal is logged, counted under the rule and audited (as nothing
+    // done, like a dry run of kill_sessions), no more.
     let rule: i64 = s
         .admin()
         .query_one(
@@ -134,14 +135,14 @@ fn dry_run_only_logs() {
     let running = ActiveSession::start(&s, s.connect("postgres", APP), 2);
     let pid = running.pid;
     wait_for(Duration::from_secs(20), || {
-        logged(&s, &format!("dry run, would cancel the statement of pid {pid} "))
+        logged(&s, &format!("dry run, would send cancel to pid {pid} "))
     });
     assert_eq!(running.finish(), (Ok(()), ClientView::Alive), "neither cancelled nor terminated");
     assert_eq!(idle.probe(), ClientView::Alive);
     wait_for(Duration::from_secs(20), || {
         s.admin()
             .query_one(
-                "SELECT count(*) FROM session_kill.log WHERE pid = $1 AND rule = $2 AND action = 'cancel' AND outcome = 'dry run'",
+                "SELECT count(*) FROM session_kill.log WHERE pid = $1 AND rule = $2 AND action = 'none' AND outcome = 'dry run'",
                 &[&pid, &format!("rule {rule}")],
             )
             .unwrap()
@@ -299,7 +300,7 @@ fn the_pressure_reaper_ends_a_pg_dump_impostor_like_any_other_session() {
     assert_ended_by_admin_on(&s, impostor, sessions[0].probe());
     assert!(logged(
         &s,
-        &format!("session_kill: terminated pid {impostor} (user app, application \"pg_dump\", state idle): connection pressure")
+        &format!("session_kill: sent terminate to pid {impostor} (database postgres, user app, application \"pg_dump\", state idle): connection pressure")
     ));
     s.stop();
 }
@@ -338,7 +339,7 @@ fn a_dba_who_protects_the_pg_dump_name_spares_it_from_the_reaper_and_idle_timeou
         assert_ended_by_admin_on(&s, session.pid, session.probe());
     }
     assert_alive(spared);
-    assert!(!logged(&s, &format!("session_kill: terminated pid {} ", spared.pid)), "never acted on");
+    assert!(!logged(&s, &format!("session_kill: sent terminate to pid {} ", spared.pid)), "never acted on");
     s.stop();
 }
 
@@ -391,7 +392,7 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
 
     assert_ended_by_admin_on(&standby, idle.pid, idle.probe());
     assert!(
-        logged(&standby, &format!("session_kill: terminated pid {} (user app", idle.pid)),
+        logged(&standby, &format!("session_kill: sent terminate to pid {} (database postgres, user app", idle.pid)),
         "the action is in the standby's server log"
     );
     let queued: i32 =
