@@ -341,7 +341,7 @@ pub fn locks() -> Vec<LockEntry> {
                 ),
                 held: (i.holdMask & 0xffff) as u16,
                 waiting: (i.waitLockMode > 0 && i.waitLockMode <= i32::from(MAX_MODE))
-                    .then(|| (i.waitLockMode as u8, if i.waitStart == 0 { now } else { i.waitStart })),
+                    .then_some((i.waitLockMode as u8, if i.waitStart == 0 { now } else { i.waitStart })),
             }
         })
         .collect()

@@ -1,8 +1,9 @@
 //! `session_kill.blockers()`: the sessions that hold up others in the lock manager, with
 //! everyone they hold up, from one pass over it (see `lock_graph.rs`).
 
+use crate::args::{database_oid, interval};
 use crate::backends::{self, Backend};
-use crate::kill::{configured_protections, database_oid, interval};
+use crate::gucs;
 use crate::lock_graph;
 use crate::sqltypes::Name;
 use pgrx::datum::Interval;
@@ -42,7 +43,7 @@ fn blockers(
     let found = lock_graph::blockers(&backends::locks());
     let backends: HashMap<i32, Backend> =
         backends::snapshot().into_iter().map(|b| (b.session.pid, b)).collect();
-    let protections = configured_protections(false);
+    let protections = gucs::protections(false);
     let now = backends::now();
     let rows: Vec<_> = found
         .into_iter()

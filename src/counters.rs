@@ -48,7 +48,6 @@ pub struct Count {
 /// The worker's schedule as last reported by it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerStatus {
-    pub pid: i32,
     pub last_scan: Micros,
     /// 0 when nothing is due (every limit off).
     pub next_scan: Micros,

@@ -2,17 +2,18 @@
 //! plus `drain_database()`, `undrain_database()` and `drains()`.
 
 use crate::act::{Progress, Subject};
+use crate::args;
 use crate::backends;
 use crate::counters::Source;
 use crate::errors::{null_argument, raise, sql_literal};
 use crate::gate::{Admission, DbName, Gate, GateError, Verdict};
 use crate::gucs;
-use crate::kill::{self, KillRequest, Target};
+use crate::kill::{KillRequest, Target};
 use crate::policy::{
     escape, BackendKind, DatabaseScope, Filter, Micros, Mode, Outcome, Protections, Session,
 };
 use crate::rules::MAX_DURATION;
-use crate::shmem::{require_preloaded, GATES};
+use crate::shmem::{self, require_preloaded};
 use crate::signal::{self, Signal};
 use crate::sqltypes::Name;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -61,7 +62,7 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             role: role.to_u32(),
             superuser: role != pg_sys::InvalidOid && pg_sys::superuser_arg(role),
         };
-        let verdict = GATES.exclusive().admit(login, now);
+        let verdict = shmem::admit(login, now);
         if verdict == Verdict::Admit {
             // SAFETY: runs at any exit of this backend, while shared memory is still attached.
             pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(0));
@@ -90,7 +91,7 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_admission(_code: i32, _arg: pg_sys::Datum) {
     let (pid, started) = backends::own_key();
-    GATES.exclusive().exited(pid, started);
+    shmem::forget_admission(pid, started);
 }
 
 fn gate_detail(gate: &Gate) -> String {
@@ -127,12 +128,12 @@ fn drain_database(
 > {
     require_preloaded();
     let db = db.unwrap_or_else(|| null_argument("db", "Name the database to drain.")).0;
-    let timeout = kill::duration_arg("timeout", timeout);
-    let grace = kill::duration_arg("grace", grace);
-    let include_superusers = kill::superuser_choice(include_superusers);
+    let timeout = args::duration_arg("timeout", timeout);
+    let grace = args::duration_arg("grace", grace);
+    let include_superusers = args::superuser_choice(include_superusers);
     let allow_superusers =
         allow_superusers.unwrap_or_else(|| null_argument("allow_superusers", "Pass true or false."));
-    let reopen_after = reopen_after.map(|r| kill::duration_arg("reopen_after", Some(r)));
+    let reopen_after = reopen_after.map(|r| args::duration_arg("reopen_after", Some(r)));
     // The reopening time must stay a timestamp: `now + reopen_after` must not overflow.
     if reopen_after.is_some_and(|r| r > MAX_DURATION) {
         raise(
@@ -141,7 +142,7 @@ fn drain_database(
             "Give a reopen_after of at most 100 years, or NULL to keep the database closed until undrain_database().",
         );
     }
-    let oid = kill::database_oid(&db);
+    let oid = args::database_oid(&db);
     // SAFETY: MyDatabaseId is set for every connected backend.
     if oid == unsafe { pg_sys::MyDatabaseId }.to_u32() {
         raise(
@@ -160,7 +161,7 @@ fn drain_database(
         report.terminated,
         report.remaining,
         report.refused as i64,
-        kill::interval(report.elapsed.as_micros() as Micros),
+        args::interval(report.elapsed.as_micros() as Micros),
     ))
 }
 
@@ -183,7 +184,7 @@ fn undrain_database(db: Option<Name>) -> bool {
             "Only the owner of the database, or a superuser, can reopen it.",
         );
     }
-    let Some(gate) = GATES.share().find(&name, now) else {
+    let Some(gate) = shmem::find_gate(&name, now) else {
         notice!("database \"{db}\" is not being drained");
         return false;
     };
@@ -197,7 +198,7 @@ fn undrain_database(db: Option<Name>) -> bool {
             "Only the owner of the database, or a superuser, can reopen it.",
         );
     }
-    GATES.exclusive().open(&name, now);
+    shmem::open_gate(&name, now);
     log!("session_kill: reopened database \"{}\" to new connections", escape(&db));
     true
 }
@@ -217,14 +218,14 @@ fn drains() -> TableIterator<
     ),
 > {
     require_preloaded();
-    let gates = GATES.share().list(backends::now());
+    let gates = shmem::closed_gates(backends::now());
     TableIterator::new(gates.into_iter().map(|g| {
         (
             Name(g.datname.as_str().to_owned()),
-            kill::timestamp(g.since),
+            args::timestamp(g.since),
             backends::role_name(pg_sys::Oid::from(g.closed_by)).map(Name),
             g.refused as i64,
-            kill::timestamp(g.reopen_at),
+            args::timestamp(g.reopen_at),
             g.allow_superusers,
         )
     }))
@@ -259,7 +260,7 @@ impl Drain {
             db: db.to_owned(),
             oid,
             name: DbName::new(db),
-            timeout: kill::duration(timeout),
+            timeout: args::duration(timeout),
             request: KillRequest {
                 source: Source::DrainDatabase,
                 mode: Mode::CancelThenTerminate,
@@ -276,7 +277,7 @@ impl Drain {
                 wait: timeout - grace,
                 protections: Protections {
                     logical_replication: true,
-                    ..kill::configured_protections(include_superusers)
+                    ..gucs::protections(include_superusers)
                 },
                 reason: Some(format!("drain of database \"{db}\"")),
             },
@@ -296,7 +297,7 @@ impl Drain {
             reopen_at: reopen_after.map_or(0, |r| now + r.max(1)),
             allow_superusers,
         };
-        if let Err(GateError::Full) = GATES.exclusive().close(gate, now) {
+        if let Err(GateError::Full) = shmem::close_gate(gate, now) {
             raise(
                 PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
                 "too many databases are being drained",
@@ -304,7 +305,7 @@ impl Drain {
             );
         }
         log!("session_kill: closed database \"{}\" to new connections", escape(&self.db));
-        let admitted = GATES.share().admitted_to(&self.name);
+        let admitted = shmem::admitted_to(&self.name);
 
         let first = self.request.select();
         let at_start = first.len() as i32;
@@ -350,7 +351,7 @@ impl Drain {
             }
             signal::wait_until(SWEEP_INTERVAL, || false);
         };
-        let refused = GATES.share().find(&self.name, backends::now()).map_or(0, |g| g.refused);
+        let refused = shmem::find_gate(&self.name, backends::now()).map_or(0, |g| g.refused);
         if !left.is_empty() || !starting.is_empty() {
             self.fail(&left, &starting);
         }
@@ -399,7 +400,7 @@ impl Drain {
     /// exits) but not visible as a session of the database: on PG 18 it may already show in
     /// the status array, as `starting` in no database.
     fn still_starting(&self, login: &Admission, visible: &[Session]) -> bool {
-        GATES.share().remembers(login)
+        shmem::remembers(login)
             && !visible.iter().any(|s| s.pid == login.pid && s.backend_start == login.started)
     }
 
@@ -412,8 +413,7 @@ impl Drain {
         subject: &Subject,
         progress: &mut Progress,
     ) -> bool {
-        let gates = GATES.share();
-        gates.remembers(login) && sweep.send(subject, Signal::Terminate, progress).is_ok()
+        shmem::while_admitted(login, || sweep.send(subject, Signal::Terminate, progress).is_ok())
     }
 
     fn fail(&self, left: &[Session], starting: &[Admission]) -> ! {
@@ -515,5 +515,5 @@ unsafe fn database_ownercheck(oid: pg_sys::Oid, role: pg_sys::Oid) -> bool {
 }
 
 fn timestamp_text(micros: Micros) -> String {
-    kill::timestamp(micros).map_or_else(|| "?".to_owned(), |t| t.to_string())
+    args::timestamp(micros).map_or_else(|| "?".to_owned(), |t| t.to_string())
 }

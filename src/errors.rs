@@ -1,9 +1,13 @@
 //! Raising errors in PostgreSQL's message style: SQLSTATE, lowercase message without a trailing
-//! period, and a hint written as a sentence.
+//! period, and a hint written as a sentence; and catching them in background workers.
 
 use crate::policy::InputError;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
+use std::panic::AssertUnwindSafe;
 
 /// Raises ERROR and never returns.
 pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: impl Into<String>) -> ! {
@@ -24,4 +28,19 @@ pub fn or_raise<T>(result: Result<T, InputError>) -> T {
 /// `text` as a SQL string literal (`'it''s'`), for hints a user may copy and paste.
 pub fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Runs `body` in a transaction of its own; an ERROR inside aborts that transaction and comes
+/// back as its message.
+pub fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, String> {
+    PgTryBuilder::new(AssertUnwindSafe(|| Ok(BackgroundWorker::transaction(AssertUnwindSafe(body)))))
+        .catch_others(|caught| {
+            // SAFETY: the failed body left its transaction open; abort it before going on.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match caught {
+                CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+            })
+        })
+        .execute()
 }

@@ -165,3 +165,12 @@ pub fn limits() -> crate::rules::Limits {
         blocking: micros(&BLOCKER_TIMEOUT),
     }
 }
+
+/// The protections the settings ask for, plus superusers unless `include_superusers`.
+pub fn protections(include_superusers: bool) -> crate::policy::Protections {
+    crate::policy::Protections::from_settings(
+        &list(&PROTECTED_ROLES),
+        &list(&PROTECTED_APPLICATIONS),
+        include_superusers,
+    )
+}

@@ -2,6 +2,9 @@
 //! snapshot, the policy and the signal modules.
 
 use crate::act::{Acting, Progress, Subject};
+use crate::args::{
+    bounded, database_oid, duration, duration_arg, existing_role, interval, superuser_choice, timestamp,
+};
 use crate::audit;
 use crate::backends::{self, Backend};
 use crate::counters::Source;
@@ -16,10 +19,7 @@ use crate::sqltypes::{self, Name, Text};
 use pgrx::datum::{Array, Inet, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::ffi::CString;
-use std::time::Duration;
 
 const MODES_HINT: &str = "Valid modes are: cancel, terminate, cancel_then_terminate, dry_run.";
 
@@ -50,7 +50,7 @@ fn sessions(
     ),
 > {
     let scope = db.map(|name| database_oid(&name.0));
-    let protections = configured_protections(false);
+    let protections = gucs::protections(false);
     let now = backends::now();
     let mut backends: Vec<Backend> = backends::snapshot()
         .into_iter()
@@ -145,7 +145,7 @@ fn kill_sessions(
         },
         grace: duration_arg("grace", grace),
         wait: duration_arg("wait", wait),
-        protections: configured_protections(superuser_choice(include_superusers)),
+        protections: gucs::protections(superuser_choice(include_superusers)),
         reason: reason.map(|r| bounded("reason", r, MAX_REASON, "").into_owned()),
     };
     let targets = request.execute();
@@ -416,72 +416,12 @@ fn mark(targets: &mut [Target], indexes: &[usize], outcome: Outcome) {
     }
 }
 
-pub(crate) fn configured_protections(include_superusers: bool) -> Protections {
-    Protections::from_settings(
-        &gucs::list(&gucs::PROTECTED_ROLES),
-        &gucs::list(&gucs::PROTECTED_APPLICATIONS),
-        include_superusers,
-    )
-}
-
-/// Only a superuser may lift the superuser protection.
-pub(crate) fn superuser_choice(include_superusers: Option<bool>) -> bool {
-    let include =
-        include_superusers.unwrap_or_else(|| null_argument("include_superusers", "Pass true or false."));
-    // SAFETY: superuser() checks the current user, valid inside a transaction.
-    if include && !unsafe { pg_sys::superuser() } {
-        raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to include superuser sessions",
-            "Only superusers can act on superuser sessions.",
-        );
-    }
-    include
-}
-
-pub(crate) fn database_oid(name: &str) -> u32 {
-    let c_name = CString::new(name).unwrap_or_default();
-    // SAFETY: catalog lookup with missing_ok = true.
-    let oid = unsafe { pg_sys::get_database_oid(c_name.as_ptr(), true) };
-    if oid == pg_sys::InvalidOid {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME,
-            format!("database \"{name}\" does not exist"),
-            "List the databases with \\l in psql, or SELECT datname FROM pg_database.",
-        );
-    }
-    oid.to_u32()
-}
-
-fn existing_role(name: String) -> String {
-    let c_name = CString::new(name.as_str()).unwrap_or_default();
-    // SAFETY: catalog lookup with missing_ok = true.
-    if unsafe { pg_sys::get_role_oid(c_name.as_ptr(), true) } == pg_sys::InvalidOid {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("role \"{name}\" does not exist"),
-            "List the roles with \\du in psql, or SELECT rolname FROM pg_roles.",
-        );
-    }
-    name
-}
-
 /// Caller text is checked for length before it is converted, parsed, matched or copied.
 const MAX_FILTER_PATTERN: usize = 256;
 const MAX_REASON: usize = 1024;
 const MAX_STATES: usize = 64;
 /// Modes and states are short words; longer text is not one of them.
 const MAX_KEYWORD: usize = 64;
-
-/// `text` as UTF-8 once it is known to be at most `max` bytes long. The hint defaults to
-/// saying the limit.
-fn bounded<'a>(what: &str, text: Text<'a>, max: usize, hint: &str) -> Cow<'a, str> {
-    if text.len() > max {
-        let hint = if hint.is_empty() { format!("Give at most {max} bytes.") } else { hint.to_owned() };
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{what} is too long"), hint);
-    }
-    text.to_str()
-}
 
 fn state_list(states: Array<Text>) -> Vec<State> {
     let hint = format!("Valid states are: {}.", State::ALL.map(State::label).join(", "));
@@ -504,29 +444,4 @@ fn state_list(states: Array<Text>) -> Vec<State> {
             or_raise(State::parse(&bounded("states element", s, MAX_KEYWORD, &hint)))
         })
         .collect()
-}
-
-pub(crate) fn duration_arg(name: &str, value: Option<Interval>) -> Micros {
-    let value = value.unwrap_or_else(|| {
-        null_argument(name, &format!("Pass a duration such as '5s', or '0' for none, as {name}."))
-    });
-    or_raise(crate::policy::non_negative(name, value.as_micros()))
-}
-
-/// An interval in microseconds as PostgreSQL compares intervals (30-day months, 24-hour days),
-/// saturated to 64 bits: the one conversion for rules' timeouts, on write and on load.
-pub(crate) fn interval_micros(value: Interval) -> Micros {
-    value.as_micros().clamp(i128::from(Micros::MIN), i128::from(Micros::MAX)) as Micros
-}
-
-pub(crate) fn duration(micros: Micros) -> Duration {
-    Duration::from_micros(micros.max(0) as u64)
-}
-
-pub(crate) fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
-    (micros != 0).then(|| TimestampWithTimeZone::try_from(micros).ok()).flatten()
-}
-
-pub(crate) fn interval(micros: Micros) -> Interval {
-    Interval::from_micros(micros).justify_hours()
 }

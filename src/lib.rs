@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 mod act;
+mod args;
 mod audit;
 mod backends;
 mod blockers;

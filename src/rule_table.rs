@@ -2,8 +2,8 @@
 //! notification that makes a committed change (or the table's drop) reach the worker, and so
 //! every open session, without a reload.
 
+use crate::args::duration_arg;
 use crate::errors::{or_raise, raise};
-use crate::kill::duration_arg;
 use crate::rules::{Rule, RuleRow, MAX_PATTERN_LEN};
 use crate::sqltypes::Text;
 use crate::{gucs, sync};
@@ -48,10 +48,11 @@ fn check_rule(
         application: bounded("application pattern", application),
         client_addr: client_addr.map(|c| bounded("client_addr", c)),
         state: bounded("state", state),
-        timeout: crate::kill::interval_micros(timeout),
+        timeout: crate::args::interval_micros(timeout),
         action: bounded("action", action),
         grace: duration_arg("grace", Some(grace)),
         priority: 0,
+        comment: String::new(),
     };
     or_raise(Rule::from_row(&row));
 }

@@ -128,7 +128,12 @@ pub struct RuleRow {
     pub action: String,
     pub grace: Micros,
     pub priority: i32,
+    /// The rule's comment, cut to `MAX_COMMENT_LEN` bytes: clients ended by it are told.
+    pub comment: String,
 }
+
+/// Comments are kept in shared memory in fixed slots of this many bytes.
+pub const MAX_COMMENT_LEN: usize = 63;
 
 /// Longer timeouts and graces are refused: deadlines stay far from overflowing. 100 years as
 /// PostgreSQL compares intervals (`'100 years' = '36000 days'`).
@@ -150,6 +155,7 @@ pub struct Rule {
     pub grace: Micros,
     /// Settings rank below every row, whatever its priority.
     priority: i64,
+    pub comment: String,
 }
 
 impl Rule {
@@ -195,6 +201,7 @@ impl Rule {
             action: Action::parse(&row.action)?,
             grace: row.grace,
             priority: i64::from(row.priority),
+            comment: row.comment.clone(),
         })
     }
 
@@ -212,6 +219,7 @@ impl Rule {
             action: Action::Terminate,
             grace: 0,
             priority: i64::MIN,
+            comment: String::new(),
         }
     }
 
@@ -327,24 +335,28 @@ struct StoredRow {
     action: FixedText<32>,
     grace: Micros,
     priority: i32,
+    comment: FixedText<64>,
 }
 
 /// The enabled rows of `session_kill.rules`, as the loader last read them.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishedRules {
+    /// Bumped at every publication, so readers re-parse only what changed.
+    generation: u64,
     count: usize,
     rows: [StoredRow; MAX_RULES],
 }
 
 impl Default for PublishedRules {
     fn default() -> Self {
-        PublishedRules { count: 0, rows: [StoredRow::default(); MAX_RULES] }
+        PublishedRules { generation: 0, count: 0, rows: [StoredRow::default(); MAX_RULES] }
     }
 }
 
 impl PublishedRules {
     /// Replaces the rules; returns how many were kept (at most `MAX_RULES`).
     pub fn publish(&mut self, rows: &[RuleRow]) -> usize {
+        self.generation += 1;
         self.count = rows.len().min(MAX_RULES);
         for (slot, row) in self.rows.iter_mut().zip(rows) {
             *slot = StoredRow {
@@ -358,6 +370,7 @@ impl PublishedRules {
                 action: FixedText::new(&row.action),
                 grace: row.grace,
                 priority: row.priority,
+                comment: FixedText::new(&row.comment),
             };
         }
         self.count
@@ -365,6 +378,10 @@ impl PublishedRules {
 
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn rows(&self) -> Vec<RuleRow> {
@@ -381,6 +398,7 @@ impl PublishedRules {
                 action: r.action.as_str().to_owned(),
                 grace: r.grace,
                 priority: r.priority,
+                comment: r.comment.as_str().to_owned(),
             })
             .collect()
     }
@@ -403,6 +421,7 @@ mod tests {
             action: "terminate".into(),
             grace: 5 * SEC,
             priority: 0,
+            comment: String::new(),
         }
     }
 

@@ -1,19 +1,29 @@
 //! Everything session_kill keeps in shared memory (only when preloaded): the drain gates, the
-//! action counters, the published rules, the audit queue and the sync worker's state, plus the
-//! check that SQL functions needing them make.
+//! action counters, the published rules, the audit queue, the sync worker's state, the reasons
+//! left for clients and the worker's PID, plus the check that SQL functions needing them make.
+//!
+//! Locking. Each structure has an LWLock of its own, taken shared to read and exclusive to
+//! change, and held only inside the functions of this module, never across a call out of it:
+//! nobody else can take them, so nobody can hold one for long or take two in the wrong order.
+//! The one exception is `while_admitted`, which holds the gate table shared while it signals a
+//! login still starting up, so the login cannot finish exiting (its exit callback takes the
+//! gate table exclusive) and free its PID between the check and the signal. The signal path
+//! takes the reasons, audit and counters locks inside it, so locks nest only as gates first,
+//! then one of those; never the other way round. The worker's PID is an atomic, read without a
+//! lock by every backend that wakes the worker.
 
 use crate::audit::{AuditQueue, Entry};
 use crate::counters::{Counters, Source, WorkerStatus};
 use crate::errors::raise;
-use crate::gate::GateTable;
+use crate::gate::{Admission, DbName, Gate, GateError, GateTable, Verdict};
 use crate::policy::Micros;
 use crate::reasons::{ReasonTable, ReasonText};
 use crate::rules::{PublishedRules, RuleRow};
 use crate::signal::Signal;
 use crate::sync::SyncState;
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
-use std::sync::atomic::{AtomicBool, Ordering};
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 // SAFETY: both tables are plain Copy data without pointers.
 unsafe impl PGRXSharedMemory for GateTable {}
@@ -29,7 +39,7 @@ unsafe impl PGRXSharedMemory for SyncState {}
 unsafe impl PGRXSharedMemory for ReasonTable {}
 
 // SAFETY: the names are unique to this extension.
-pub static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
+static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
 // SAFETY: as above.
 static COUNTERS: PgLwLock<Counters> = unsafe { PgLwLock::new(c"session_kill_counters") };
 // SAFETY: as above.
@@ -37,9 +47,11 @@ static RULES: PgLwLock<PublishedRules> = unsafe { PgLwLock::new(c"session_kill_r
 // SAFETY: as above.
 static AUDIT: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"session_kill_audit") };
 // SAFETY: as above.
-pub static SYNC: PgLwLock<SyncState> = unsafe { PgLwLock::new(c"session_kill_sync") };
+static SYNC: PgLwLock<SyncState> = unsafe { PgLwLock::new(c"session_kill_sync") };
 // SAFETY: as above.
 static REASONS: PgLwLock<ReasonTable> = unsafe { PgLwLock::new(c"session_kill_reasons") };
+// SAFETY: as above.
+static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"session_kill_worker_pid") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// From `_PG_init` while `shared_preload_libraries` is being processed.
@@ -50,6 +62,7 @@ pub fn init() {
     pg_shmem_init!(AUDIT = AuditQueue::default());
     pg_shmem_init!(SYNC = SyncState::default());
     pg_shmem_init!(REASONS = ReasonTable::default());
+    pg_shmem_init!(WORKER_PID);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -97,14 +110,14 @@ pub fn take_reason(pid: i32, started: Micros, signal: Signal, now: Micros) -> Op
 
 /// The worker announces itself at start, so backends can wake it before its first scan.
 pub fn worker_started(pid: i32) {
-    COUNTERS.exclusive().worker.pid = pid;
+    WORKER_PID.get().store(pid, Ordering::Release);
 }
 
 /// The worker reports each scan.
-pub fn worker_scanned(pid: i32, at: Micros, next: Option<Micros>) {
+pub fn worker_scanned(at: Micros, next: Option<Micros>) {
     let mut counters = COUNTERS.exclusive();
     let scans = counters.worker.scans + 1;
-    counters.worker = WorkerStatus { pid, last_scan: at, next_scan: next.unwrap_or(0), scans };
+    counters.worker = WorkerStatus { last_scan: at, next_scan: next.unwrap_or(0), scans };
 }
 
 pub fn counts() -> (Vec<crate::counters::Count>, WorkerStatus) {
@@ -112,8 +125,71 @@ pub fn counts() -> (Vec<crate::counters::Count>, WorkerStatus) {
     (counters.rows(), counters.worker)
 }
 
+/// 0 until the worker has started.
 pub fn worker_pid() -> i32 {
-    COUNTERS.share().worker.pid
+    if preloaded() {
+        WORKER_PID.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
+}
+
+/// Decides on a login that passed authentication (see `GateTable::admit`).
+pub fn admit(login: Admission, now: Micros) -> Verdict {
+    GATES.exclusive().admit(login, now)
+}
+
+/// The backend `(pid, started)` is exiting: it is no longer a login the drain must wait for.
+pub fn forget_admission(pid: i32, started: Micros) {
+    GATES.exclusive().exited(pid, started);
+}
+
+pub fn close_gate(gate: Gate, now: Micros) -> Result<Gate, GateError> {
+    GATES.exclusive().close(gate, now)
+}
+
+pub fn open_gate(name: &DbName, now: Micros) -> Option<Gate> {
+    GATES.exclusive().open(name, now)
+}
+
+pub fn find_gate(name: &DbName, now: Micros) -> Option<Gate> {
+    GATES.share().find(name, now)
+}
+
+pub fn closed_gates(now: Micros) -> Vec<Gate> {
+    GATES.share().list(now)
+}
+
+/// Live logins admitted to `name` (see `GateTable::admitted_to`).
+pub fn admitted_to(name: &DbName) -> Vec<Admission> {
+    GATES.share().admitted_to(name)
+}
+
+/// Is this login still remembered, and so still alive?
+pub fn remembers(login: &Admission) -> bool {
+    GATES.share().remembers(login)
+}
+
+/// Logins admitted since the server started.
+pub fn admissions() -> u64 {
+    GATES.share().admissions()
+}
+
+/// Runs `act` only if `login` is still remembered, holding the gate table meanwhile so the
+/// login cannot finish exiting and free its PID for another process (see the module comment).
+pub fn while_admitted(login: &Admission, act: impl FnOnce() -> bool) -> bool {
+    let gates = GATES.share();
+    gates.remembers(login) && act()
+}
+
+/// A copy of the sync worker's state.
+pub fn sync_state() -> SyncState {
+    *SYNC.share()
+}
+
+/// Changes the sync worker's state under its lock.
+pub fn update_sync<R>(change: impl FnOnce(&mut SyncState) -> R) -> R {
+    change(&mut SYNC.exclusive())
 }
 
 /// Queues an audit entry; returns its sequence number, and true when the queue was empty (the
@@ -173,4 +249,10 @@ pub fn rules_in_force() -> usize {
 
 pub fn published_rules() -> Vec<RuleRow> {
     RULES.share().rows()
+}
+
+/// The published rules and their generation, unless the caller already has `known`'s.
+pub fn published_rules_since(known: Option<u64>) -> Option<(u64, Vec<RuleRow>)> {
+    let rules = RULES.share();
+    (known != Some(rules.generation())).then(|| (rules.generation(), rules.rows()))
 }

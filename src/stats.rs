@@ -1,6 +1,6 @@
 //! `session_kill.stats` and `session_kill.worker`: the shared-memory counters as views.
 
-use crate::kill;
+use crate::args;
 use crate::shmem;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -43,19 +43,20 @@ fn worker_status() -> TableIterator<
 > {
     shmem::require_preloaded();
     let (_, w) = shmem::counts();
-    let sync = *shmem::SYNC.share();
+    let sync = shmem::sync_state();
+    let pid = shmem::worker_pid();
     TableIterator::once((
-        (w.pid != 0).then_some(w.pid),
-        kill::timestamp(w.last_scan),
-        kill::timestamp(w.next_scan),
+        (pid != 0).then_some(pid),
+        args::timestamp(w.last_scan),
+        args::timestamp(w.next_scan),
         w.scans as i64,
         shmem::rules_in_force() as i32,
-        kill::timestamp(sync.rules_loaded_at),
+        args::timestamp(sync.rules_loaded_at),
         Some(sync.rules_status.as_str().to_owned()).filter(|s| !s.is_empty()),
         shmem::audit_waiting().0 as i32,
         shmem::audit_dropped() as i64,
         sync.failures as i32,
-        kill::timestamp(sync.retry_at).filter(|_| sync.failures > 0),
+        args::timestamp(sync.retry_at).filter(|_| sync.failures > 0),
     ))
 }
 

@@ -9,11 +9,11 @@
 //! Failures back off up to a minute.
 
 use crate::audit::{self, Entry};
+use crate::errors::in_transaction;
 use crate::fixed::FixedText;
 use crate::policy::Micros;
-use crate::rules::{Rule, RuleRow};
-use crate::worker::in_transaction;
-use crate::{backends, gucs, kill, shmem, signal};
+use crate::rules::{Rule, RuleRow, MAX_COMMENT_LEN};
+use crate::{args, backends, gucs, shmem, signal};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -53,7 +53,7 @@ pub struct SyncState {
 /// A transaction that changed `session_kill.rules` committed, or the settings were reloaded.
 pub fn request_rules() {
     if shmem::preloaded() {
-        shmem::SYNC.exclusive().rules_wanted = true;
+        shmem::update_sync(|sync| sync.rules_wanted = true);
         signal::wake_worker();
     }
 }
@@ -61,11 +61,11 @@ pub fn request_rules() {
 /// From the main worker, inside its scan's transaction: starts a sync when one is due. Returns
 /// when to look again, or `None` when the sync worker's exit will wake the main worker.
 pub fn launch_if_due(now: Micros) -> Option<Micros> {
-    let state = *shmem::SYNC.share();
+    let state = shmem::sync_state();
     let Some(database) = gucs::database() else {
         if state.rules_wanted {
             no_rules("session_kill.database is empty: no rules table and no audit table");
-            shmem::SYNC.exclusive().rules_wanted = false;
+            shmem::update_sync(|sync| sync.rules_wanted = false);
         }
         let (dropped, _) = shmem::take_audit();
         shmem::count_dropped_audit(dropped.len() as u64);
@@ -97,18 +97,18 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
         if !dropped.is_empty() {
             log!("session_kill: {} audit entries not written to session_kill.log: database \"{database}\" does not exist; the server log has them", dropped.len());
         }
-        let mut sync = shmem::SYNC.exclusive();
-        sync.last_run = now;
-        sync.rules_wanted = false;
+        shmem::update_sync(|sync| {
+            sync.last_run = now;
+            sync.rules_wanted = false;
+        });
         return Some(now + REFRESH);
     };
     // Marked running before it is started: a quick sync may finish (and clear the mark) before
     // load_dynamic even returns here.
-    {
-        let mut sync = shmem::SYNC.exclusive();
+    shmem::update_sync(|sync| {
         sync.running_since = now;
         sync.rules_wanted = false;
-    }
+    });
     // SAFETY: MyProcPid is set for the life of the process.
     let me = unsafe { pg_sys::MyProcPid };
     let launched = BackgroundWorkerBuilder::new(NAME)
@@ -132,18 +132,19 @@ pub fn launch_if_due(now: Micros) -> Option<Micros> {
 
 /// Records a failed sync; returns when to retry (1 s, doubling up to a minute).
 fn failed(now: Micros) -> Micros {
-    let mut sync = shmem::SYNC.exclusive();
-    sync.failures += 1;
-    sync.rules_wanted = true;
-    sync.running_since = 0;
-    let backoff = (SECOND << sync.failures.min(6).saturating_sub(1)).min(MAX_BACKOFF);
-    sync.retry_at = now + backoff;
-    sync.rules_status = FixedText::new(&format!(
-        "the sync worker failed {} times in a row (see the server log); next attempt in {} s",
-        sync.failures,
-        backoff / SECOND
-    ));
-    sync.retry_at
+    shmem::update_sync(|sync| {
+        sync.failures += 1;
+        sync.rules_wanted = true;
+        sync.running_since = 0;
+        let backoff = (SECOND << sync.failures.min(6).saturating_sub(1)).min(MAX_BACKOFF);
+        sync.retry_at = now + backoff;
+        sync.rules_status = FixedText::new(&format!(
+            "the sync worker failed {} times in a row (see the server log); next attempt in {} s",
+            sync.failures,
+            backoff / SECOND
+        ));
+        sync.retry_at
+    })
 }
 
 fn no_rules(why: &str) {
@@ -157,11 +158,13 @@ fn no_rules(why: &str) {
 
 /// Records what the last load found; true when that differs from before.
 fn set_status(status: &str) -> bool {
-    let mut sync = shmem::SYNC.exclusive();
-    let changed = sync.rules_status.as_str() != status;
-    sync.rules_status = FixedText::new(status);
-    sync.rules_loaded_at = backends::now();
-    changed
+    let now = backends::now();
+    shmem::update_sync(|sync| {
+        let changed = sync.rules_status.as_str() != status;
+        sync.rules_status = FixedText::new(status);
+        sync.rules_loaded_at = now;
+        changed
+    })
 }
 
 /// Looks the database up by name with a plain scan of pg_database: the worker is connected to
@@ -252,10 +255,11 @@ unsafe extern "C-unwind" fn sync_exited(_code: i32, _arg: pg_sys::Datum) {
     }
     let now = backends::now();
     if SUCCEEDED.load(Ordering::Relaxed) {
-        let mut sync = shmem::SYNC.exclusive();
-        sync.running_since = 0;
-        sync.failures = 0;
-        sync.last_run = now;
+        shmem::update_sync(|sync| {
+            sync.running_since = 0;
+            sync.failures = 0;
+            sync.last_run = now;
+        });
     } else {
         failed(now);
     }
@@ -348,7 +352,8 @@ fn load_rules() {
     let read = as_extension_owner(|installed| {
         let Some(table) = &installed.rules else { return Ok(None) };
         let query = format!(
-            "SELECT id, database, role, application, client_addr::text, state, timeout, action, grace, priority
+            "SELECT id, database, role, application, client_addr::text, state, timeout, action, grace, priority,
+                    left(coalesce(comment, ''), {MAX_COMMENT_LEN})
                FROM {table} WHERE enabled ORDER BY priority DESC, id"
         );
         Spi::connect(|client| {
@@ -364,10 +369,11 @@ fn load_rules() {
                         application: row.get(4)?.unwrap_or_default(),
                         client_addr: row.get(5)?,
                         state: row.get(6)?.unwrap_or_default(),
-                        timeout: row.get::<Interval>(7)?.map_or(0, kill::interval_micros),
+                        timeout: row.get::<Interval>(7)?.map_or(0, args::interval_micros),
                         action: row.get(8)?.unwrap_or_default(),
-                        grace: row.get::<Interval>(9)?.map_or(0, kill::interval_micros),
+                        grace: row.get::<Interval>(9)?.map_or(0, args::interval_micros),
                         priority: row.get(10)?.unwrap_or_default(),
+                        comment: row.get(11)?.unwrap_or_default(),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -441,7 +447,7 @@ fn write_audit() -> bool {
         if retention > 0 && !entries.is_empty() {
             Spi::run_with_args(&format!("INSERT INTO {table} {INSERT_LOG}"), &columns(&entries))?;
         }
-        let cutoff = kill::timestamp(backends::now() - i64::from(retention) * SECOND);
+        let cutoff = args::timestamp(backends::now() - i64::from(retention) * SECOND);
         Spi::run_with_args(&format!("DELETE FROM {table} WHERE acted_at < $1"), &[cutoff.into()])?;
         Ok(true)
     });
@@ -474,8 +480,8 @@ fn columns(entries: &[Entry]) -> Vec<pgrx::datum::DatumWithOid<'static>> {
     };
     let required =
         |f: &dyn Fn(&Entry) -> &str| -> Vec<String> { entries.iter().map(|e| f(e).to_owned()).collect() };
-    let at: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|e| kill::timestamp(e.at)).collect();
-    let idle_for: Vec<Option<Interval>> = entries.iter().map(|e| e.idle_for.map(kill::interval)).collect();
+    let at: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|e| args::timestamp(e.at)).collect();
+    let idle_for: Vec<Option<Interval>> = entries.iter().map(|e| e.idle_for.map(args::interval)).collect();
     let pids: Vec<i32> = entries.iter().map(|e| e.pid).collect();
     vec![
         at.into(),

@@ -8,24 +8,22 @@
 //! `session_kill sync` worker (`sync.rs`) that loads the rules and writes the audit table.
 
 use crate::act::{Acting, Progress, Subject};
+use crate::args;
 use crate::backends::{self, Backend};
 use crate::clock::StepSafeClock;
 use crate::counters::Source;
-use crate::gucs;
-use crate::kill;
 use crate::lock_graph;
 use crate::policy::{
-    duration_text, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
+    duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
 use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::Signal;
 use crate::sync;
+use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "session_kill worker";
@@ -76,7 +74,7 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
             }
         };
         // SAFETY: MyProcPid is set for the life of the process.
-        shmem::worker_scanned(unsafe { pg_sys::MyProcPid }, backends::now(), next);
+        shmem::worker_scanned(backends::now(), next);
         if !BackgroundWorker::wait_latch(next.map(|at| worker.until(at))) {
             break;
         }
@@ -95,22 +93,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// One scan in its own transaction; an ERROR inside it is caught, its transaction aborted, and
 /// reported, so a fault is retried with backoff instead of restarting the worker.
 fn scan_or_error(worker: &mut Worker) -> Result<Option<Micros>, String> {
-    in_transaction(|| worker.scan())
-}
-
-/// Runs `body` in a transaction of its own; an ERROR inside aborts that transaction and comes
-/// back as its message.
-pub(crate) fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, String> {
-    PgTryBuilder::new(AssertUnwindSafe(|| Ok(BackgroundWorker::transaction(AssertUnwindSafe(body)))))
-        .catch_others(|caught| {
-            // SAFETY: the failed body left its transaction open; abort it before going on.
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(match caught {
-                CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
-            })
-        })
-        .execute()
+    errors::in_transaction(|| worker.scan())
 }
 
 /// With the pressure reaper on, every admitted login wakes the worker. A login becomes visible
@@ -146,6 +129,8 @@ struct Worker {
     logins: Logins,
     /// Database names by OID for rules' database patterns, looked up once per scan.
     databases: HashMap<u32, String>,
+    /// The published rules as last parsed, with their generation.
+    parsed_rules: Option<(u64, Vec<Rule>)>,
 }
 
 impl Default for Worker {
@@ -159,6 +144,7 @@ impl Default for Worker {
             cancelled: HashMap::new(),
             logins: Logins::default(),
             databases: HashMap::new(),
+            parsed_rules: None,
         }
     }
 }
@@ -235,7 +221,7 @@ impl Worker {
         if rules.is_empty() && usage <= 0.0 {
             return sync_at;
         }
-        let protections = kill::configured_protections(false);
+        let protections = gucs::protections(false);
         let mut next: Option<Micros> = None;
         for s in sessions.values().filter(|s| s.kind == BackendKind::Client) {
             if protections.protection(s).is_some() || self.handled.contains(&key(s)) {
@@ -267,7 +253,7 @@ impl Worker {
         let max_connections = unsafe { pg_sys::MaxConnections } as usize;
         let threshold = (usage * max_connections as f64).floor() as usize;
         self.relieve_pressure(&staying, threshold, max_connections, &protections);
-        let admitted = shmem::GATES.share().admissions();
+        let admitted = shmem::admissions();
         let logins = &mut self.logins;
         if admitted != logins.admitted {
             (logins.admitted, logins.changed_at) = (admitted, now);
@@ -280,9 +266,16 @@ impl Worker {
         earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
-    /// The published rows of `session_kill.rules` and the settings, as one rule set.
-    fn rules(&self) -> RuleSet {
-        let rows = shmem::published_rules().iter().filter_map(|row| Rule::from_row(row).ok()).collect();
+    /// The published rows of `session_kill.rules` (parsed again only when republished) and the
+    /// settings, as one rule set.
+    fn rules(&mut self) -> RuleSet {
+        if let Some((generation, rows)) =
+            shmem::published_rules_since(self.parsed_rules.as_ref().map(|p| p.0))
+        {
+            self.parsed_rules =
+                Some((generation, rows.iter().filter_map(|row| Rule::from_row(row).ok()).collect()));
+        }
+        let rows = self.parsed_rules.as_ref().map(|p| p.1.clone()).unwrap_or_default();
         RuleSet::new(rows, gucs::limits())
     }
 
@@ -307,12 +300,15 @@ impl Worker {
             Origin::Row(_) => format!(
                 "{rule} ({} longer than {})",
                 verdict.rule.measure.label(),
-                kill::interval(verdict.rule.timeout)
+                args::interval(verdict.rule.timeout)
             ),
             Origin::Setting(_) => rule.clone(),
         };
         let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
         let over = match verdict.rule.origin {
+            Origin::Row(_) if !verdict.rule.comment.is_empty() => {
+                format!("{rule} ({})", escape(&verdict.rule.comment))
+            }
             Origin::Row(_) => rule.clone(),
             Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
         };

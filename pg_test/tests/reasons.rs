@@ -156,8 +156,8 @@ fn the_worker_tells_clients_which_limit_or_rule_ended_them() {
     let rule: i64 = s
         .admin()
         .query_one(
-            "INSERT INTO session_kill.rules (role, state, timeout, action, grace)
-             VALUES ('app', 'active', '1s', 'cancel_then_terminate', '30s') RETURNING id",
+            "INSERT INTO session_kill.rules (role, state, timeout, action, grace, comment)
+             VALUES ('app', 'active', '1s', 'cancel_then_terminate', '30s', 'runaway reports') RETURNING id",
             &[],
         )
         .unwrap()
@@ -173,7 +173,7 @@ fn the_worker_tells_clients_which_limit_or_rule_ended_them() {
     let detail = detail.expect("a detail");
     assert!(
         detail.starts_with("session_kill: running a statement for 1.")
-            && detail.ends_with(&format!("s, over rule {rule}")),
+            && detail.ends_with(&format!("s, over rule {rule} (runaway reports)")),
         "{detail}"
     );
     assert_logged(&s, pid, "canceling statement due to user request", &detail);
