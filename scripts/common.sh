@@ -44,8 +44,8 @@ install_extension() {
   local owners
   owners=$(cd "$staging" && find . -type f -printf '/%P\0' | xargs -0 -r dpkg-query -S 2>/dev/null | cut -d: -f1 | sort -u) || true
   if [[ -n $owners ]]; then
-    echo "error: session_kill's files in $("$pg_config" --pkglibdir) belong to the Debian package" \
-      "$owners; remove it first (apt-get remove $owners), or use that package's build" >&2
+    echo "error: session_kill's files in $("$pg_config" --pkglibdir) and its extension directory" \
+      "belong to the Debian package $owners; remove that package first: apt-get remove $owners" >&2
     rm -rf "$staging"
     return 1
   fi

@@ -111,8 +111,86 @@ check "META.json is valid JSON and has every key PGXN Meta Spec 1.0.0 requires" 
 check "META.json's values follow the spec (name, SemVer versions, license, provides files, tags, prereqs)" meta_check values
 check "META.json's version and provides.session_kill.version are Cargo.toml's ($version)" meta_check version
 
+# A demo server of scripts/demo.sh, if one runs: it must still answer at the end, with the same
+# postmaster and worker, through a new login that calls the extension's functions.
+demo=$work/demo
+demo_state() {
+  local pid out
+  pid=$(head -1 "$demo/postmaster.pid") &&
+    out=$(as_postgres "$bindir/psql" -X -qAt -h "$demo" -p 54321 -U postgres -d postgres \
+      -c "SELECT pid FROM session_kill.worker" -c "SELECT count(*) >= 0 FROM session_kill.sessions()") &&
+    echo "$pid" $out
+}
+demo_before=
+if as_postgres "$bindir/pg_ctl" -D "$demo" status >/dev/null 2>&1; then
+  demo_before=$(demo_state 2>/dev/null) || demo_before=
+fi
+
+# Whatever happens, the cluster is stopped and removed, and the package, if this test installed it,
+# is removed and the files it replaced are put back.
+datadir=
+holder=
+saved=$(mktemp -d)
+# save FILE...: keeps a copy of each existing FILE, to be put back when the package is removed.
+save() {
+  local f
+  for f in "$@"; do
+    [[ -f $f && ! -e $saved$f ]] || continue
+    mkdir -p "$saved$(dirname "$f")"
+    cp -a "$f" "$saved$f"
+  done
+}
+restore() { # puts the saved files back, each written under a new name and renamed over
+  local f
+  while IFS= read -r -d '' f; do
+    f=${f#"$saved"}
+    mkdir -p "$(dirname "$f")"
+    cp -a "$saved$f" "$f.session_kill-new"
+    mv -f "$f.session_kill-new" "$f"
+  done < <(find "$saved" -type f -print0)
+}
+restored() {
+  local f
+  while IFS= read -r -d '' f; do cmp -s "$f" "${f#"$saved"}" || return 1; done < <(find "$saved" -type f -print0)
+}
+marker=$work/package-check.installed # exists while this test may have the package installed
+exec 4>&1 5>&2 # for cleanup: a signal can arrive while a function's output is redirected
+cleanup() {
+  local status=$?
+  exec >&4 2>&5
+  if ((!finished)); then
+    echo "FAILED: stopped early (exit status $status): see the output above"
+    failed=$((failed + 1))
+    finish || true
+  fi
+  exec 3>&- 2>/dev/null || true
+  [[ -z $holder ]] || kill "$holder" 2>/dev/null || true
+  if [[ -n $datadir && -f $datadir/PG_VERSION ]]; then
+    cluster_stop "$bindir" "$datadir" || true
+    rm -rf "$datadir" "$datadir".*
+  fi
+  if [[ -e $marker ]] && dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
+    apt_get remove "$package" >/dev/null 2>&1 || echo "warning: could not remove $package" >&2
+  fi
+  restore
+  rm -rf "$saved" "$log" "$marker"
+}
+trap cleanup EXIT
+
+# The package must not be installed already: this test installs its own build and removes it.
+if dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
+  if [[ -e $marker ]]; then
+    echo "    $package was left installed by an interrupted run of this test: removing it"
+    save $(dpkg -L "$package" | grep -E "^($libdir|$extdir)/")
+    quietly apt_get remove "$package"
+  else
+    check "$package is not installed yet (it is: this test installs its own build and removes it; run apt-get remove $package first)" false
+    finish || exit 1
+  fi
+fi
+
 # 2. The package, built twice (idempotent).
-build() { bash scripts/package.sh 2>"$log" | tail -1 || { sed 's/^/    /' "$log"; return 1; }; }
+build() { bash scripts/package.sh 2>"$log" | tail -1 || { tail -30 "$log" | sed 's/^/    /' >&2; return 1; }; }
 deb=$(build) || deb=
 check "scripts/package.sh builds ${deb:-the package}" test -f "$deb"
 ((ok)) || { finish; exit 1; }
@@ -135,68 +213,7 @@ for f in "${files[@]}"; do
 done
 
 # 3. Save what the package will replace: files of the demo's (or anyone's) own install.
-if dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
-  echo "    $package is installed (left by an interrupted run?): removing it first"
-  quietly apt_get remove "$package"
-fi
-saved=$(mktemp -d)
-for f in $(dpkg-deb -c "$deb" | awk '$1 ~ /^-/ {print substr($6, 2)}'); do
-  if [[ -e $f ]]; then
-    owner=$(dpkg-query -S "$f" 2>/dev/null | cut -d: -f1) || true
-    [[ -z $owner ]] || { echo "    $f belongs to the package $owner"; }
-    mkdir -p "$saved$(dirname "$f")"
-    cp -a "$f" "$saved$f"
-  fi
-done
-restore() { # puts the saved files back, each written under a new name and renamed over
-  local f
-  while IFS= read -r -d '' f; do
-    f=${f#"$saved"}
-    mkdir -p "$(dirname "$f")"
-    cp -a "$saved$f" "$f.session_kill-new"
-    mv -f "$f.session_kill-new" "$f"
-  done < <(find "$saved" -type f -print0)
-}
-restored() {
-  local f
-  while IFS= read -r -d '' f; do cmp -s "$f" "${f#"$saved"}" || return 1; done < <(find "$saved" -type f -print0)
-}
-
-# A demo server of scripts/demo.sh, if one runs: it must still answer at the end, with the same
-# postmaster and worker, through a new login that calls the extension's functions.
-demo=$work/demo
-demo_state() {
-  echo "$(head -1 "$demo/postmaster.pid")" \
-    "$(as_postgres "$bindir/psql" -X -qAt -h "$demo" -p 54321 -U postgres -d postgres \
-      -c "SELECT pid FROM session_kill.worker" -c "SELECT count(*) >= 0 FROM session_kill.sessions()")"
-}
-demo_before=
-if as_postgres "$bindir/pg_ctl" -D "$demo" status >/dev/null 2>&1; then
-  demo_before=$(demo_state 2>/dev/null) || demo_before=
-fi
-
-datadir=
-holder=
-cleanup() {
-  local status=$?
-  if ((!finished)); then
-    echo "FAILED: stopped early (exit status $status): see the output above"
-    failed=$((failed + 1))
-    finish || true
-  fi
-  exec 3>&- 2>/dev/null || true
-  [[ -z $holder ]] || kill "$holder" 2>/dev/null || true
-  if [[ -n $datadir ]]; then
-    cluster_stop "$bindir" "$datadir" || true
-    rm -rf "$datadir" "$datadir".*
-  fi
-  if dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
-    apt_get remove "$package" >/dev/null 2>&1 || echo "warning: could not remove $package" >&2
-  fi
-  restore
-  rm -rf "$saved" "$log"
-}
-trap cleanup EXIT
+save $(dpkg-deb -c "$deb" | awk '$1 ~ /^-/ {print substr($6, 2)}')
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -267,7 +284,7 @@ remove_package() {
 }
 
 # 4. Install with apt, as the README says; look at what dpkg installed; smoke test.
-install_deb() { (cd "$(dirname "$deb")" && quietly apt_get install ./session_kill_*.deb); }
+install_deb() { touch "$marker" && (cd "$(dirname "$deb")" && quietly apt_get install ./session_kill_*.deb); }
 check "apt-get install -y ./session_kill_*.deb into Debian's postgresql-15" install_deb
 check "dpkg: $package $deb_version is installed" installed
 listing=$(dpkg -L "$package" 2>/dev/null || true)
@@ -275,6 +292,8 @@ for f in "${files[@]}"; do
   check "dpkg -L lists $f" grep -qx "$f" <<<"$listing"
 done
 check "dpkg --verify: the files on disk are the package's" intact
+refuses() { ! install_extension "$PG15_CONFIG" --no-default-features --features pg15 2>"$log" && grep -q "remove that package first" "$log" && intact; }
+check "the demo's install step (install_extension) refuses to overwrite the package's files" refuses
 smoke "installed"
 remove_package "first removal"
 

@@ -16,7 +16,8 @@ die() { echo "error: $*" >&2; exit 1; }
 bash scripts/install-deps.sh >&2
 if ! dpkg-query -W -f='${Status}' dpkg-dev 2>/dev/null | grep -q "install ok installed"; then
   echo "==> apt-get install dpkg-dev (dpkg-shlibdeps)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null ||
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends dpkg-dev; } >/dev/null ||
     die "could not install dpkg-dev"
 fi
 
