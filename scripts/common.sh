@@ -39,6 +39,16 @@ install_extension() {
   cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >"$staging.log" 2>&1 ||
     { cat "$staging.log" >&2; rm -rf "$staging" "$staging.log"; return 1; }
   rm -f "$staging.log"
+  # Files that a Debian package owns (postgresql-15-session-kill, from scripts/package.sh) are
+  # left alone: dpkg would still list them and delete this build's copy on `apt remove`.
+  local owners
+  owners=$(cd "$staging" && find . -type f -printf '/%P\0' | xargs -0 -r dpkg-query -S 2>/dev/null | cut -d: -f1 | sort -u) || true
+  if [[ -n $owners ]]; then
+    echo "error: session_kill's files in $("$pg_config" --pkglibdir) and its extension directory" \
+      "belong to the Debian package $owners; remove that package first: apt-get remove $owners" >&2
+    rm -rf "$staging"
+    return 1
+  fi
   while IFS= read -r -d '' file; do
     file=${file#"$staging"}
     mkdir -p "$(dirname "$file")"

@@ -4,8 +4,11 @@
 #   2. `cargo pgrx test`: in-backend tests in a server with the library preloaded;
 #   3. pg_test/: integration tests against a real preloaded server with many real clients,
 #      psql scripts, dropdb and pgbench, and the attack tier;
-#   4. scripts/operator-check.sh: the README's commands beside running servers (PostgreSQL 15).
-# Tests install into private installations, never into the demo's.
+#   4. scripts/operator-check.sh: the README's commands beside running servers (PostgreSQL 15);
+#   5. scripts/package-check.sh: the Debian package (scripts/package.sh) installed with apt into
+#      Debian's PostgreSQL 15 and smoke-tested in a clean cluster, then removed; META.json.
+# Tests install into private installations, never into the demo's; the package tier installs the
+# package into Debian's PostgreSQL 15, and puts back the files it replaced when it removes it.
 # Usage: scripts/test.sh [15|18 ...]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +36,7 @@ run_tier() {
   set -e
   local passed failed
   # Only the runners' closing lines count: a test's own output may say "failed".
-  results=$(grep -E '^(test result: |operator checks: )' "$log" || true)
+  results=$(grep -E '^(test result: |operator checks: |package checks: )' "$log" || true)
   passed=$(grep -Eo '[0-9]+ passed' <<<"$results" | awk '{s += $1} END {print s + 0}')
   failed=$(grep -Eo '[0-9]+ failed' <<<"$results" | awk '{s += $1} END {print s + 0}')
   rm -f "$log"
@@ -59,6 +62,7 @@ done
 
 if [[ " ${majors[*]} " == *" 15 "* ]]; then
   run_tier "operator: the README's commands beside running servers" bash scripts/operator-check.sh
+  run_tier "package: the Debian package in a clean cluster" bash scripts/package-check.sh
 fi
 
 echo
