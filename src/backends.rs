@@ -347,6 +347,16 @@ pub fn locks() -> Vec<LockEntry> {
         .collect()
 }
 
+/// For each session where a chain of lock waits begins (it holds up others and waits for no lock
+/// itself), when the longest wait it causes began.
+pub fn lock_chain_starts() -> HashMap<i32, Micros> {
+    crate::lock_graph::blockers(&locks())
+        .into_iter()
+        .filter(|b| !b.waits)
+        .map(|b| (b.pid, b.waiting_since))
+        .collect()
+}
+
 fn locktag(tag: &LockTag) -> pg_sys::LOCKTAG {
     let ([field1, field2, field3], field4, kind, method) = *tag;
     pg_sys::LOCKTAG {

@@ -271,6 +271,7 @@ impl Drain {
                     application: None,
                     client: None,
                     states: None,
+                    blocking: None,
                     logical_replication: true,
                 },
                 grace,

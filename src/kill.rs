@@ -98,6 +98,7 @@ fn kill_sessions(
     include_superusers: default!(Option<bool>, "false"),
     all_databases: default!(Option<bool>, "false"),
     reason: default!(Option<Text>, "NULL"),
+    blocking: default!(Option<Interval>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -141,6 +142,7 @@ fn kill_sessions(
             }),
             client: client_addr.map(|c| or_raise(Cidr::parse(&c.0))),
             states: states.map(state_list),
+            blocking: blocking.map(|b| duration_arg("blocking", Some(b))),
             logical_replication: false,
         },
         grace: duration_arg("grace", grace),
@@ -207,8 +209,13 @@ impl KillRequest {
     pub(crate) fn select(&self) -> Vec<Target> {
         let now = backends::now();
         let hidden = self.filter.uses_hidden_facts();
+        let chains = self.lock_chain_starts();
         let mut targets: Vec<Target> = backends::snapshot()
             .into_iter()
+            .map(|mut b| {
+                b.session.blocking_since = chains.get(&b.session.pid).copied().unwrap_or(0);
+                b
+            })
             .filter(|b| self.filter.matches(&b.session, now) && (b.visible || !hidden))
             .map(|backend| Target {
                 chosen: backend.session.clone(),
@@ -270,8 +277,10 @@ impl KillRequest {
     /// (in the cancel modes), terminate otherwise. Returns the indexes cancelled and terminated.
     fn first_signals(&self, targets: &mut [Target]) -> (Vec<usize>, Vec<usize>) {
         let (mut cancelled, mut terminated) = (Vec::new(), Vec::new());
+        let chains = self.lock_chain_starts();
         for (i, t) in targets.iter_mut().enumerate().filter(|(_, t)| t.outcome.is_none()) {
-            let fresh = backends::live_session(t.chosen.pid);
+            let fresh = backends::live_session(t.chosen.pid)
+                .map(|s| Session { blocking_since: chains.get(&s.pid).copied().unwrap_or(0), ..s });
             let recheck = self.filter.recheck(&t.chosen, fresh.as_ref(), backends::now());
             let Some(fresh) = fresh.filter(|_| recheck == Recheck::Proceed) else {
                 t.outcome = Some(recheck.into());
@@ -361,6 +370,15 @@ impl KillRequest {
         let remaining: Vec<usize> = remaining.into();
         mark(targets, terminated, Outcome::Terminated);
         mark(targets, &remaining, Outcome::StillRunningAfterWait);
+    }
+
+    /// Where chains of lock waits begin, when the filter asks (the lock manager is read only then).
+    fn lock_chain_starts(&self) -> HashMap<i32, Micros> {
+        if self.filter.blocking.is_some() {
+            backends::lock_chain_starts()
+        } else {
+            HashMap::new()
+        }
     }
 
     /// What the client of a session this request signals is told.

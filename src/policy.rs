@@ -452,6 +452,9 @@ pub struct Filter {
     pub application: Option<LikePattern>,
     pub client: Option<Cidr>,
     pub states: Option<Vec<State>>,
+    /// Only sessions where a chain of lock waits begins, whose longest victim has waited at
+    /// least this long (see `Session::blocking_since`).
+    pub blocking: Option<Micros>,
     /// Logical replication connections match too (a drain).
     pub logical_replication: bool,
 }
@@ -471,6 +474,7 @@ impl Filter {
             && self.application.as_ref().is_none_or(|p| p.matches(&s.application))
             && self.client.as_ref().is_none_or(|c| s.client.is_some_and(|a| c.contains(a)))
             && self.states.as_ref().is_none_or(|st| s.state.is_some_and(|x| st.contains(&x)))
+            && self.blocking.is_none_or(|b| s.blocking_since != 0 && now - s.blocking_since >= b)
     }
 
     /// The filter looks at what `pg_stat_activity` hides from callers without the privileges of
@@ -648,6 +652,7 @@ mod tests {
             application: None,
             client: None,
             states: None,
+            blocking: None,
             logical_replication: false,
         }
     }
@@ -732,6 +737,12 @@ mod tests {
         let logical = Session { kind: BackendKind::LogicalReplication, ..s };
         assert!(!filter().matches(&logical, NOW), "replication only when asked for");
         assert!(Filter { logical_replication: true, ..filter() }.matches(&logical, NOW));
+        let blocking = Session { blocking_since: NOW - 30 * SEC, ..client(9, State::IdleInTransaction, 60) };
+        assert!(Filter { blocking: Some(30 * SEC), ..filter() }.matches(&blocking, NOW));
+        assert!(!Filter { blocking: Some(31 * SEC), ..filter() }.matches(&blocking, NOW));
+        assert!(
+            !Filter { blocking: Some(0), ..filter() }.matches(&client(10, State::IdleInTransaction, 60), NOW)
+        );
     }
 
     #[test]

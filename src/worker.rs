@@ -12,7 +12,6 @@ use crate::args;
 use crate::backends::{self, Backend};
 use crate::clock::StepSafeClock;
 use crate::counters::Source;
-use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
@@ -149,17 +148,14 @@ impl Default for Worker {
     }
 }
 
-/// For sessions where a chain of lock waits begins, when its longest wait began; read from the
-/// lock manager only while some rule or setting limits blocking.
+/// Where chains of lock waits begin (see `backends::lock_chain_starts`), read from the lock
+/// manager only while some rule or setting limits blocking.
 fn blocking_since(rules: &RuleSet) -> HashMap<i32, Micros> {
-    if !rules.measures(Measure::Blocking) {
-        return HashMap::new();
+    if rules.measures(Measure::Blocking) {
+        backends::lock_chain_starts()
+    } else {
+        HashMap::new()
     }
-    lock_graph::blockers(&backends::locks())
-        .into_iter()
-        .filter(|b| !b.waits)
-        .map(|b| (b.pid, b.waiting_since))
-        .collect()
 }
 
 fn key(s: &Session) -> BackendKey {

@@ -237,6 +237,7 @@ fn kill_sessions_cases(infinite_intervals: bool) -> Group {
         DURATION_HINT,
     );
     g.error(db("grace => NULL"), NULL_VALUE, "grace must not be null", "'5s'");
+    g.error(db("blocking => '-1s'"), INVALID_VALUE, "blocking must not be negative", DURATION_HINT);
     g.error(db("grace => '178000000 years'"), INVALID_VALUE, "grace is out of range", OUT_OF_RANGE_HINT);
     g.error(db("wait => NULL"), NULL_VALUE, "wait must not be null", "'5s'");
     g.error(db("wait => '-1 microsecond'"), INVALID_VALUE, "wait must not be negative", DURATION_HINT);

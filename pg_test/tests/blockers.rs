@@ -165,3 +165,32 @@ fn a_blocking_rule_ends_the_session_that_holds_everyone_up() {
     the_worker_ends_where_the_chain_of_waits_begins(&s, &format!("over rule {id}"));
     s.stop();
 }
+
+/// `kill_sessions(..., blocking => ...)` acts only where a chain of lock waits begins and only
+/// once its longest victim has waited that long: not on a bystander idle in a transaction, not
+/// on the ALTER TABLE that waits (though it holds up the SELECT behind it).
+#[test]
+fn kill_sessions_blocking_ends_only_where_a_long_enough_chain_of_waits_begins() {
+    let s = server();
+    let db = s.fresh_db("t_kill_blocking");
+    let mut admin = s.connect(&db, "postgres");
+    admin.batch_execute("CREATE TABLE stock (id int); GRANT SELECT ON stock TO app").unwrap();
+    let mut bystander = Session::idle_in_transaction(s.connect(&db, APP));
+    let mut reader = Session::idle_in_transaction(s.connect(&db, APP));
+    reader.client.batch_execute("SELECT count(*) FROM stock").unwrap();
+    let alter = ActiveSession::running(s, s.connect(&db, "postgres"), "ALTER TABLE stock ADD COLUMN n int");
+    let select = ActiveSession::running(s, s.connect(&db, APP), "SELECT count(*) FROM stock");
+
+    let not_yet = kill(s, &format!("'{db}', blocking => '1h'"));
+    assert!(not_yet.is_empty(), "nobody has waited an hour: {not_yet:?}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let dry = kill(s, &format!("'{db}', 'dry_run', blocking => '1s'"));
+    assert_eq!(dry.keys().copied().collect::<Vec<_>>(), vec![reader.pid], "{dry:?}");
+    let acted = kill(s, &format!("'{db}', blocking => '1s', include_superusers => true"));
+    assert_eq!(acted.keys().copied().collect::<Vec<_>>(), vec![reader.pid], "{acted:?}");
+    assert_acted(&acted, reader.pid, "terminate", "terminated");
+    assert_eq!(alter.finish().0, Ok(()));
+    assert_eq!(select.finish().0, Ok(()));
+    assert_alive(&mut bystander);
+    assert!(kill(s, &format!("'{db}', blocking => '0'")).is_empty(), "nobody blocks anyone now");
+}
