@@ -67,6 +67,10 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             // SAFETY: runs at any exit of this backend, while shared memory is still attached.
             pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(0));
         }
+        if verdict == Verdict::Admit && gucs::MAKE_WAY_AFTER.get() > 0 {
+            // Set in postgresql.conf: inherited, so no assign hook ran in this backend.
+            crate::make_way::publish(gucs::MAKE_WAY_AFTER.get(), role);
+        }
         if verdict == Verdict::Admit && gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
             // One more client: the pressure reaper decides whether that is one too many.
             signal::wake_worker();

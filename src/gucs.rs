@@ -34,6 +34,12 @@ pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// running statement is cancelled first if the rule says so. 0 turns it off.
 pub static BLOCKER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.make_way_after`: settable by any user. Once this session has waited this long
+/// for a lock, the worker ends the sessions that hold up its request (a session queued ahead of
+/// it too), if its own role could `pg_terminate_backend` them; superusers and protected sessions
+/// are excepted. 0 turns it off. See `make_way.rs`.
+pub static MAKE_WAY_AFTER: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// `session_kill.max_connection_usage`: when client sessions exceed this share of
 /// `max_connections`, the worker ends the longest-idle unprotected sessions (idle in transaction
 /// first) until back at it. 0 turns the pressure reaper off.
@@ -83,6 +89,22 @@ pub fn register() {
             i32::MAX,
             GucContext::Sighup,
             GucFlags::UNIT_MS,
+        );
+    }
+    // SAFETY: the assign hook is a #[pg_guard] function that only publishes the new value.
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"session_kill.make_way_after",
+            c"Once this session has waited this long for a lock, end the sessions that hold it up (0 turns it off).",
+            c"Only sessions this session's role could end with pg_terminate_backend; never superusers or protected sessions.",
+            &MAKE_WAY_AFTER,
+            0,
+            i32::MAX,
+            GucContext::Userset,
+            GucFlags::UNIT_MS,
+            None,
+            Some(crate::make_way::assign),
+            None,
         );
     }
     GucRegistry::define_float_guc(

@@ -19,6 +19,7 @@ mod gate;
 mod gucs;
 mod kill;
 mod lock_graph;
+mod make_way;
 mod policy;
 mod reasons;
 mod rule_table;

@@ -16,6 +16,7 @@ use crate::audit::{AuditQueue, Entry};
 use crate::counters::{Counters, Source, WorkerStatus};
 use crate::errors::raise;
 use crate::gate::{Admission, DbName, Gate, GateError, GateTable, Verdict};
+use crate::make_way::{MakeWayTable, Request};
 use crate::policy::Micros;
 use crate::reasons::{ReasonTable, ReasonText};
 use crate::rules::{PublishedRules, RuleRow};
@@ -37,6 +38,8 @@ unsafe impl PGRXSharedMemory for AuditQueue {}
 unsafe impl PGRXSharedMemory for SyncState {}
 // SAFETY: as above.
 unsafe impl PGRXSharedMemory for ReasonTable {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for MakeWayTable {}
 
 // SAFETY: the names are unique to this extension.
 static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
@@ -51,6 +54,8 @@ static SYNC: PgLwLock<SyncState> = unsafe { PgLwLock::new(c"session_kill_sync") 
 // SAFETY: as above.
 static REASONS: PgLwLock<ReasonTable> = unsafe { PgLwLock::new(c"session_kill_reasons") };
 // SAFETY: as above.
+static MAKE_WAY: PgLwLock<MakeWayTable> = unsafe { PgLwLock::new(c"session_kill_make_way") };
+// SAFETY: as above.
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"session_kill_worker_pid") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -62,6 +67,7 @@ pub fn init() {
     pg_shmem_init!(AUDIT = AuditQueue::default());
     pg_shmem_init!(SYNC = SyncState::default());
     pg_shmem_init!(REASONS = ReasonTable::default());
+    pg_shmem_init!(MAKE_WAY = MakeWayTable::default());
     pg_shmem_init!(WORKER_PID);
     PRELOADED.store(true, Ordering::Relaxed);
 }
@@ -180,6 +186,24 @@ pub fn admissions() -> u64 {
 pub fn while_admitted(login: &Admission, act: impl FnOnce() -> bool) -> bool {
     let gates = GATES.share();
     gates.remembers(login) && act()
+}
+
+/// Records a session's `make_way_after` (see `make_way.rs`); false when the table is full.
+pub fn set_make_way(request: Request) -> bool {
+    MAKE_WAY.exclusive().set(request)
+}
+
+pub fn forget_make_way(pid: i32, started: Micros) {
+    MAKE_WAY.exclusive().remove(pid, started);
+}
+
+/// Every session's `make_way_after` request.
+pub fn make_way_requests() -> Vec<Request> {
+    if preloaded() {
+        MAKE_WAY.share().requests()
+    } else {
+        Vec::new()
+    }
 }
 
 /// A copy of the sync worker's state.

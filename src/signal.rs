@@ -35,6 +35,23 @@ pub fn may_signal_role(role: pg_sys::Oid) -> bool {
     }
 }
 
+/// `may_signal_role` for another caller: could `caller` signal a backend of the role `target`?
+pub fn may_signal_role_as(caller: pg_sys::Oid, target: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(target) else { return false };
+    // SAFETY: catalog lookups and privilege checks by OID, valid inside a transaction.
+    unsafe {
+        let target = pg_sys::get_role_oid(name.as_ptr(), true);
+        if target == pg_sys::InvalidOid {
+            return false;
+        }
+        if is_superuser_role(target) {
+            return pg_sys::superuser_arg(caller);
+        }
+        pg_sys::has_privs_of_role(caller, target)
+            || pg_sys::has_privs_of_role(caller, pg_sys::Oid::from(pg_sys::ROLE_PG_SIGNAL_BACKEND))
+    }
+}
+
 /// `pg_stat_activity`'s visibility rule: the target's role privileges or `pg_read_all_stats`.
 pub fn may_see_role(role: pg_sys::Oid) -> bool {
     // SAFETY: privilege checks on the current user, valid inside a transaction.

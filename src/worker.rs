@@ -12,12 +12,13 @@ use crate::args;
 use crate::backends::{self, Backend};
 use crate::clock::StepSafeClock;
 use crate::counters::Source;
+use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
 use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
-use crate::signal::Signal;
+use crate::signal::{self, Signal};
 use crate::sync;
 use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -100,6 +101,10 @@ fn scan_or_error(worker: &mut Worker) -> Result<Option<Micros>, String> {
 /// to be counted could push the sessions over the threshold, the worker counts again every
 /// `LOGIN_RECHECK`, until `LOGIN_SETTLE` has passed without a new login.
 const LOGIN_RECHECK: Micros = 20_000;
+
+/// After ending an idle-in-transaction blocker, how long running blockers wait to be looked at
+/// again: by then its locks are released and they may no longer hold anyone up.
+const BLOCKER_SETTLE: Micros = 50_000;
 const LOGIN_SETTLE: Micros = 1_000_000;
 
 /// The pressure reaper's view of logins.
@@ -214,22 +219,38 @@ impl Worker {
         let alive = |k: &BackendKey| sessions.get(&k.0).is_some_and(|s| s.backend_start == k.1);
         self.handled.retain(alive);
         self.cancelled.retain(|k, _| alive(k));
+        let protections = gucs::protections(false);
+        let sync_at = earliest(sync_at, self.make_way(now, &sessions, &protections));
         if rules.is_empty() && usage <= 0.0 {
             return sync_at;
         }
-        let protections = gucs::protections(false);
         let mut next: Option<Micros> = None;
-        for s in sessions.values().filter(|s| s.kind == BackendKind::Client) {
+        // Idle-in-transaction sessions first: ending such a blocker may free the running ones it
+        // holds up, which are then looked at again once its locks are gone.
+        let mut clients: Vec<&Session> =
+            sessions.values().filter(|s| s.kind == BackendKind::Client).collect();
+        clients.sort_by_key(|s| !s.state.is_some_and(|st| st != State::Idle && st.is_idle()));
+        let mut ended_idle_blocker = false;
+        for s in clients {
             if protections.protection(s).is_some() || self.handled.contains(&key(s)) {
                 continue;
             }
             let verdict = rules.verdict(s, self.database_name(s.database_oid));
+            let blocking = verdict.is_some_and(|v| v.rule.measure == Measure::Blocking);
             let wake = match verdict {
                 Some(v) if v.deadline > now => {
                     self.cancelled.remove(&key(s));
                     Some(v.deadline)
                 }
-                Some(_) => self.enforce(s, &rules),
+                Some(_) if blocking && ended_idle_blocker && s.state.is_some_and(State::is_running) => {
+                    Some(now + BLOCKER_SETTLE)
+                }
+                Some(_) => {
+                    let wake = self.enforce(s, &rules);
+                    ended_idle_blocker |=
+                        blocking && self.handled.contains(&key(s)) && !s.state.is_some_and(State::is_running);
+                    wake
+                }
                 None => {
                     self.cancelled.remove(&key(s));
                     None
@@ -325,6 +346,65 @@ impl Worker {
         }
         self.signal(&fresh, Signal::Terminate, &rule, &why, &told);
         None
+    }
+
+    /// Ends the sessions that hold up a session that set `session_kill.make_way_after` once it
+    /// has waited that long, with that session's rights (see `make_way.rs`). Returns when to
+    /// look again.
+    fn make_way(
+        &mut self,
+        now: Micros,
+        sessions: &HashMap<i32, Session>,
+        protections: &Protections,
+    ) -> Option<Micros> {
+        let requests = shmem::make_way_requests();
+        if requests.is_empty() {
+            return None;
+        }
+        let locks = backends::locks();
+        let found = lock_graph::blockers(&locks);
+        let mut next = None;
+        for request in requests {
+            let Some(waiter) = sessions.get(&request.pid).filter(|s| s.backend_start == request.started)
+            else {
+                continue;
+            };
+            let waiting_since =
+                locks.iter().filter(|e| e.pid == request.pid).find_map(|e| e.waiting).map(|(_, since)| since);
+            // Not waiting yet: no wait that starts later can be due sooner.
+            let due = waiting_since.map_or(now + request.after, |since| since + request.after);
+            if due > now {
+                next = earliest(next, Some(due));
+                continue;
+            }
+            let caller = pg_sys::Oid::from(request.role);
+            for blocker in found.iter().filter(|b| b.blocked.contains(&request.pid)) {
+                let Some(s) = sessions.get(&blocker.pid) else { continue };
+                if s.kind != BackendKind::Client
+                    || protections.protection(s).is_some()
+                    || self.handled.contains(&key(s))
+                    || !s.role.as_deref().is_some_and(|role| signal::may_signal_role_as(caller, role))
+                {
+                    continue;
+                }
+                let Some(fresh) = backends::live_backend(s.pid).filter(|f| f.session.same_backend(s)) else {
+                    continue;
+                };
+                let waited = duration_text(now - waiting_since.unwrap_or(now));
+                let why = format!(
+                    "holds up pid {}, which has waited {waited} for a lock and set session_kill.make_way_after",
+                    waiter.pid
+                );
+                let told = format!(
+                    "holding a lock that pid {} (user {}) has waited {waited} for, and it asked to make way after {}",
+                    waiter.pid,
+                    escape(waiter.role.as_deref().unwrap_or("?")),
+                    duration_text(request.after)
+                );
+                self.signal(&fresh, Signal::Terminate, "session_kill.make_way_after", &why, &told);
+            }
+        }
+        next
     }
 
     /// Above `threshold` client sessions, ends the longest-idle ones.

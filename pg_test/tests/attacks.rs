@@ -511,7 +511,9 @@ fn a_wall_clock_step_ends_no_session_early() {
     assert!(clock_gap() > 3500.0, "libfaketime stepped the server's clock");
     // A reload wakes the worker, which scans at once in the new wall time.
     s.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_for_described(Duration::from_secs(10), "the worker scans after the step", || worker_scans(&s) > scans);
+    wait_for_described(Duration::from_secs(10), "the worker scans after the step", || {
+        worker_scans(&s) > scans
+    });
     let worker_stepped: bool =
         s.probe_one("SELECT clock_timestamp() - last_scan < '1 min' FROM session_kill.worker", &[]).get(0);
     assert!(worker_stepped, "the worker runs on the stepped clock too");

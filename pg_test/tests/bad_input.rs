@@ -423,7 +423,8 @@ fn rules_cases(infinite_intervals: bool) -> Group {
     let not_null = |column: &str| {
         format!("null value in column \"{column}\" of relation \"rules\" violates not-null constraint")
     };
-    const RULE_STATES: &str = "Valid rule states are: idle, idle in transaction, transaction, active, blocking.";
+    const RULE_STATES: &str =
+        "Valid rule states are: idle, idle in transaction, transaction, active, blocking.";
     // state
     g.error(
         insert("state, timeout", "'sleeping', '1h'"),

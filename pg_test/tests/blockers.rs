@@ -35,10 +35,12 @@ fn blockers_names_holders_and_queue_jumpers_like_pg_blocking_pids() {
     admin.batch_execute("CREATE TABLE orders (id int); GRANT SELECT ON orders TO app").unwrap();
     let mut reader = Session::idle_in_transaction(s.connect(&db, APP));
     reader.client.batch_execute("SELECT count(*) FROM orders").unwrap();
-    let alter = ActiveSession::running(s, s.connect(&db, "postgres"), "ALTER TABLE orders ADD COLUMN note text");
+    let alter =
+        ActiveSession::running(s, s.connect(&db, "postgres"), "ALTER TABLE orders ADD COLUMN note text");
     wait_for_described(Duration::from_secs(10), "the ALTER waits", || waiting(s, &[alter.pid]) == 1);
-    let selects: Vec<ActiveSession> =
-        (0..2).map(|_| ActiveSession::running(s, s.connect(&db, APP), "SELECT count(*) FROM orders")).collect();
+    let selects: Vec<ActiveSession> = (0..2)
+        .map(|_| ActiveSession::running(s, s.connect(&db, APP), "SELECT count(*) FROM orders"))
+        .collect();
     let select_pids: Vec<i32> = selects.iter().map(|a| a.pid).collect();
     wait_for_described(Duration::from_secs(10), "the SELECTs queue", || waiting(s, &select_pids) == 2);
 
@@ -78,7 +80,8 @@ fn blockers_names_holders_and_queue_jumpers_like_pg_blocking_pids() {
         let mut theirs: Vec<i32> =
             s.probe_one("SELECT pg_blocking_pids($1)", &[&waiter]).get::<_, Vec<i32>>(0);
         theirs.sort();
-        let ours: Vec<i32> = rows.iter().filter(|(_, r)| r.0.contains(&waiter)).map(|(pid, _)| *pid).collect();
+        let ours: Vec<i32> =
+            rows.iter().filter(|(_, r)| r.0.contains(&waiter)).map(|(pid, _)| *pid).collect();
         assert_eq!(ours, theirs, "blockers of {waiter}");
     }
     let (lock, longest): (String, f64) = {
@@ -117,11 +120,14 @@ fn blockers_names_holders_and_queue_jumpers_like_pg_blocking_pids() {
 /// transaction that holds nobody up.
 fn the_worker_ends_where_the_chain_of_waits_begins(s: &Server, told_over: &str) {
     let mut admin = s.admin();
-    admin.batch_execute("CREATE TABLE IF NOT EXISTS queue_t (id int); GRANT SELECT ON queue_t TO app").unwrap();
+    admin
+        .batch_execute("CREATE TABLE IF NOT EXISTS queue_t (id int); GRANT SELECT ON queue_t TO app")
+        .unwrap();
     let mut bystander = Session::idle_in_transaction(s.connect("postgres", APP));
     let mut reader = Session::idle_in_transaction(s.connect("postgres", APP));
     reader.client.batch_execute("SELECT count(*) FROM queue_t").unwrap();
-    let alter = ActiveSession::running(s, s.connect("postgres", "postgres"), "ALTER TABLE queue_t ADD COLUMN n int");
+    let alter =
+        ActiveSession::running(s, s.connect("postgres", "postgres"), "ALTER TABLE queue_t ADD COLUMN n int");
     let select = ActiveSession::running(s, s.connect("postgres", APP), "SELECT count(*) FROM queue_t");
     s.wait_until_gone(reader.pid);
     assert_eq!(alter.finish().0, Ok(()), "the ALTER got its lock");
@@ -193,4 +199,65 @@ fn kill_sessions_blocking_ends_only_where_a_long_enough_chain_of_waits_begins() 
     assert_eq!(select.finish().0, Ok(()));
     assert_alive(&mut bystander);
     assert!(kill(s, &format!("'{db}', blocking => '0'")).is_empty(), "nobody blocks anyone now");
+}
+
+/// A migration's `SET session_kill.make_way_after` ends the sessions that hold up its ALTER TABLE
+/// once it has waited that long, but only those its own role could end with
+/// `pg_terminate_backend`: never another role's session, never a superuser's.
+#[test]
+fn make_way_after_ends_only_the_blockers_the_waiting_role_may_end() {
+    let s = Server::start(&[]);
+    let mut admin = s.admin();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE ledger (id int); ALTER TABLE ledger OWNER TO {APP_MEMBER};
+             GRANT SELECT ON ledger TO {APP}, {OTHER}"
+        ))
+        .unwrap();
+    let reader = |role: &str| {
+        let mut r = Session::idle_in_transaction(s.connect("postgres", role));
+        r.client.batch_execute("SELECT count(*) FROM ledger").unwrap();
+        r
+    };
+    let mut own_kind = reader(APP); // app_member is a member of app: it may end this one
+    let mut foreign = reader(OTHER);
+    let mut superuser = reader(SUPER);
+    let migrate = |sql: &str| {
+        ActiveSession::running(
+            &s,
+            s.connect("postgres", APP_MEMBER),
+            &format!("SET session_kill.make_way_after = '1s'; SET lock_timeout = '6s'; {sql}"),
+        )
+    };
+    let alter = migrate("ALTER TABLE ledger ADD COLUMN note text");
+    s.wait_until_gone(own_kind.pid);
+    let (result, _) = alter.finish();
+    assert_eq!(result, Err("55P03".to_owned()), "the others still hold the table: lock_timeout");
+    assert_alive(&mut foreign);
+    assert_alive(&mut superuser);
+    let log = s.server_log();
+    let told = log
+        .lines()
+        .skip_while(|l| {
+            !(l.contains(&format!("[{}] ", own_kind.pid))
+                && l.ends_with("terminating connection due to administrator command"))
+        })
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        told.contains("DETAIL:  session_kill: holding a lock that pid ")
+            && told.contains("asked to make way after 1.0s"),
+        "{told}"
+    );
+    let _ = own_kind.probe();
+
+    // With only its own kind in the way, the migration goes through.
+    foreign.client.batch_execute("COMMIT").unwrap();
+    superuser.client.batch_execute("COMMIT").unwrap();
+    let mut again = reader(APP);
+    let alter = migrate("ALTER TABLE ledger ADD COLUMN note text");
+    assert_eq!(alter.finish().0, Ok(()));
+    assert_ended_by_admin_on(&s, again.pid, again.probe());
+    assert_alive(&mut foreign);
+    s.stop();
 }

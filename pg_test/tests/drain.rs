@@ -202,7 +202,8 @@ fn a_drain_that_cannot_finish_raises_and_leaves_the_database_closed() {
     assert_eq!(db_err.message(), "database \"t_stuck\" still has 1 session after 1s");
     let detail = db_err.detail().unwrap();
     assert!(
-        detail.contains(&format!("pid {} (database t_stuck, user {SUPER}", su.pid)) && detail.contains("superuser"),
+        detail.contains(&format!("pid {} (database t_stuck, user {SUPER}", su.pid))
+            && detail.contains("superuser"),
         "{detail}"
     );
     assert!(db_err.hint().unwrap().contains("session_kill.undrain_database('t_stuck')"));

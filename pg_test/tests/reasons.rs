@@ -37,8 +37,11 @@ impl Psql {
     fn run_long(&mut self, s: &Server) {
         writeln!(self.stdin, "SELECT pg_sleep(60);").unwrap();
         wait_for_described(Duration::from_secs(10), "the statement runs", || {
-            s.probe_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", &[&self.pid])
-                .get::<_, i64>(0)
+            s.probe_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&self.pid],
+            )
+            .get::<_, i64>(0)
                 == 1
         });
     }
@@ -67,7 +70,9 @@ fn assert_logged(s: &Server, pid: i32, message: &str, detail: &str) {
     let log = s.server_log();
     let lines: Vec<&str> = log.lines().collect();
     let found = lines.windows(2).any(|w| {
-        w[0].contains(&format!("[{pid}] ")) && w[0].ends_with(message) && w[1].ends_with(&format!("DETAIL:  {detail}"))
+        w[0].contains(&format!("[{pid}] "))
+            && w[0].ends_with(message)
+            && w[1].ends_with(&format!("DETAIL:  {detail}"))
     });
     assert!(found, "the server log should show {message:?} with DETAIL {detail:?} for pid {pid}");
 }
@@ -109,7 +114,10 @@ fn kill_sessions_tells_idle_and_running_clients_who_ended_them_and_why() {
 
     let (pid, statement) = long_statement(s, &db);
     kill(s, &format!("'{db}', 'cancel'"));
-    assert_eq!(statement.join().unwrap(), (QUERY_CANCELED.to_owned(), Some("session_kill: cancelled by postgres".to_owned())));
+    assert_eq!(
+        statement.join().unwrap(),
+        (QUERY_CANCELED.to_owned(), Some("session_kill: cancelled by postgres".to_owned()))
+    );
     assert_logged(s, pid, "canceling statement due to user request", "session_kill: cancelled by postgres");
 }
 
@@ -140,8 +148,11 @@ fn signals_from_anyone_else_carry_no_detail() {
     target.run_long(s);
     s.admin().execute("SELECT pg_cancel_backend($1)", &[&target.pid]).unwrap();
     wait_for(Duration::from_secs(10), || {
-        s.probe_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", &[&target.pid])
-            .get::<_, i64>(0)
+        s.probe_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+            &[&target.pid],
+        )
+        .get::<_, i64>(0)
             == 0
     });
     s.admin().execute("SELECT pg_terminate_backend($1)", &[&target.pid]).unwrap();
@@ -181,7 +192,8 @@ fn the_worker_tells_clients_which_limit_or_rule_ended_them() {
     let stderr = idle.finish();
     let told = stderr.lines().find(|l| l.starts_with("DETAIL:  ")).unwrap_or_default();
     assert!(
-        told.starts_with("DETAIL:  session_kill: idle for 2.") && told.ends_with(", over session_kill.idle_timeout (2.0s)"),
+        told.starts_with("DETAIL:  session_kill: idle for 2.")
+            && told.ends_with(", over session_kill.idle_timeout (2.0s)"),
         "{stderr}"
     );
     s.stop();
@@ -198,11 +210,15 @@ fn the_pressure_reaper_tells_its_victims_why() {
         let log = s.server_log();
         let detail = log
             .lines()
-            .skip_while(|l| !(l.contains(&format!("[{pid}] ")) && l.ends_with("terminating connection due to administrator command")))
+            .skip_while(|l| {
+                !(l.contains(&format!("[{pid}] "))
+                    && l.ends_with("terminating connection due to administrator command"))
+            })
             .nth(1)
             .unwrap_or_default();
         assert!(
-            detail.contains("DETAIL:  session_kill: idle for ") && detail.contains(" while client sessions crowd max_connections ("),
+            detail.contains("DETAIL:  session_kill: idle for ")
+                && detail.contains(" while client sessions crowd max_connections ("),
             "{detail}"
         );
     }

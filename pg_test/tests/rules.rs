@@ -41,10 +41,12 @@ fn a_rule_inserted_while_sessions_are_open_reaches_them_and_edits_apply() {
     let id = add_rule(&s, "role, state, timeout, comment", "'app', 'idle', '500ms', 'app pools'");
     s.wait_until_gone(app.pid);
     assert_ended_by_admin_on(&s, app.pid, app.probe());
-    assert!(s.server_log().contains(&format!(
+    wait_for(Duration::from_secs(10), || {
+        s.server_log().contains(&format!(
         "session_kill: sent terminate to pid {} (database postgres, user app, application \"pg_test\", state idle): rule {id} (idle longer than 00:00:00.5) exceeded by",
         app.pid
-    )));
+    ))
+    });
     assert_eq!(other.probe(), ClientView::Alive, "another role");
     assert_eq!(app_tx.probe(), ClientView::Alive, "an 'idle' rule does not cover transactions");
     assert_eq!(rules_in_force(&s), (1, "1 rule from session_kill.rules in database \"postgres\"".into()));
@@ -134,10 +136,14 @@ fn cancel_then_terminate_cancels_first_and_terminates_after_grace() {
     let swallowed_cancel_then_ended = result.expect_err("the statement never ends by itself");
     assert_ended_by_admin_on(&s, stubborn.pid, ClientView::Ended(swallowed_cancel_then_ended));
     assert_ne!(stubborn.probe(), ClientView::Alive);
+    // The worker logs each signal just after sending it: the client may hear first.
+    let terminate_line = format!("sent terminate to pid {} ", stubborn.pid);
+    wait_for_described(Duration::from_secs(10), "the termination is logged", || {
+        s.server_log().contains(&terminate_line)
+    });
     let log = s.server_log();
-    let cancelled =
-        log.find(&format!("sent cancel to pid {} ", stubborn.pid)).expect("cancel logged");
-    let terminated = log.find(&format!("sent terminate to pid {} ", stubborn.pid)).expect("termination logged");
+    let cancelled = log.find(&format!("sent cancel to pid {} ", stubborn.pid)).expect("cancel logged");
+    let terminated = log.find(&terminate_line).expect("termination logged");
     assert!(cancelled < terminated, "cancelled first, terminated after grace");
 
     // Cancelling a statement in a transaction block aborts the transaction: its locks and snapshot

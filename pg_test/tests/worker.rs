@@ -23,6 +23,14 @@ fn logged(s: &Server, text: &str) -> bool {
     s.server_log().contains(text)
 }
 
+/// The worker logs a signal just after sending it, so the log may lag what a client saw.
+#[track_caller]
+fn assert_logged_soon(s: &Server, text: &str) {
+    wait_for_described(Duration::from_secs(10), &format!("the server log shows {text:?}"), || {
+        logged(s, text)
+    });
+}
+
 #[test]
 fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
     let s = Server::start(&[
@@ -47,8 +55,11 @@ fn idle_timeout_ends_idle_sessions_that_opted_out_and_spares_the_rest() {
     assert_ended_by_admin_on(&s, idle.pid, idle.probe());
     assert_ended_by_admin_on(&s, impostor.pid, impostor.probe());
     assert_ended_by_admin_on(&s, opted_out.pid, opted_out.probe());
-    assert!(logged(&s, &format!("session_kill: sent terminate to pid {} (database postgres, user app", opted_out.pid)));
-    assert!(logged(&s, "state idle): session_kill.idle_timeout exceeded by"));
+    assert_logged_soon(
+        &s,
+        &format!("session_kill: sent terminate to pid {} (database postgres, user app", opted_out.pid),
+    );
+    assert_logged_soon(&s, "state idle): session_kill.idle_timeout exceeded by");
     assert_eq!(active.finish().0, Ok(()), "a running query is not idle, however long it runs");
     assert_eq!(superuser.probe(), ClientView::Alive, "superusers are protected");
     assert_eq!(backup.probe(), ClientView::Alive, "a backup tool's role is protected");
@@ -100,7 +111,7 @@ fn transaction_limits_end_idle_and_running_transactions() {
     let long_pid = long.pid;
     let (query, _) = long.finish();
     assert_ended_by_admin_on(&s, long_pid, ClientView::Ended(query.unwrap_err()));
-    assert!(logged(&s, &format!("sent terminate to pid {long_pid} (database postgres, user app, application \"pg_test\", state active): session_kill.transaction_timeout exceeded")));
+    assert_logged_soon(&s, &format!("sent terminate to pid {long_pid} (database postgres, user app, application \"pg_test\", state active): session_kill.transaction_timeout exceeded"));
     assert_eq!(idle.probe(), ClientView::Alive, "no transaction, no transaction limit");
     s.stop();
 }
@@ -109,7 +120,9 @@ fn transaction_limits_end_idle_and_running_transactions() {
 fn dry_run_only_logs() {
     let s = Server::start(&["session_kill.idle_timeout = '500ms'", "session_kill.dry_run = on"]);
     let mut idle = Session::idle(s.connect("postgres", APP));
-    wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would send terminate to pid {} ", idle.pid)));
+    wait_for(Duration::from_secs(20), || {
+        logged(&s, &format!("dry run, would send terminate to pid {} ", idle.pid))
+    });
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(idle.probe(), ClientView::Alive);
     let counted: i64 = s
@@ -134,9 +147,7 @@ fn dry_run_only_logs() {
         .get(0);
     let running = ActiveSession::start(&s, s.connect("postgres", APP), 2);
     let pid = running.pid;
-    wait_for(Duration::from_secs(20), || {
-        logged(&s, &format!("dry run, would send cancel to pid {pid} "))
-    });
+    wait_for(Duration::from_secs(20), || logged(&s, &format!("dry run, would send cancel to pid {pid} ")));
     assert_eq!(running.finish(), (Ok(()), ClientView::Alive), "neither cancelled nor terminated");
     assert_eq!(idle.probe(), ClientView::Alive);
     wait_for(Duration::from_secs(20), || {
@@ -392,7 +403,10 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
 
     assert_ended_by_admin_on(&standby, idle.pid, idle.probe());
     assert!(
-        logged(&standby, &format!("session_kill: sent terminate to pid {} (database postgres, user app", idle.pid)),
+        logged(
+            &standby,
+            &format!("session_kill: sent terminate to pid {} (database postgres, user app", idle.pid)
+        ),
         "the action is in the standby's server log"
     );
     let queued: i32 =
