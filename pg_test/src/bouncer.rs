@@ -6,13 +6,21 @@
 //! connects to the server over TCP from 127.0.0.1, as a pooler on another host would: its
 //! server connections show `client_addr = 127.0.0.1`, the harness's direct sessions (Unix socket)
 //! show NULL. Every database name is forwarded (a `*` entry). Dropping the `Bouncer` stops it.
+//!
+//! Clients: `Bouncer::config`/`connect` (the Rust client), `Psql` (an interactive psql held open:
+//! idle, idle in a transaction, running a statement) and `Bouncer::new_client` (`psql -c`), both
+//! with `VERBOSITY=verbose` so what they print carries the SQLSTATE; `Bouncer::console`/`admin`
+//! for the admin console.
 
-use crate::{free_port, path_str, Server, APP, APP_MEMBER, OTHER, PLAIN, SIGNALLER, SUPER};
+use crate::{
+    free_port, path_str, wait_for_described, Server, APP, APP_MEMBER, OTHER, PLAIN, SIGNALLER, SUPER,
+};
 use postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -161,6 +169,23 @@ impl Bouncer {
         cmd
     }
 
+    /// A new client of `db` as `APP`: `psql -c 'SELECT 1'` through the pooler, started now
+    /// (`VERBOSITY=verbose`: what it prints carries the SQLSTATE).
+    pub fn new_client(&self, db: &str) -> Child {
+        self.psql()
+            .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", db, "-U", APP, "-c", "SELECT 1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `new_client`, waited for: (it printed `1`, its stderr).
+    pub fn new_client_outcome(&self, db: &str) -> (bool, String) {
+        psql_outcome(self.new_client(db).wait_with_output().unwrap())
+    }
+
     /// Runs one command on the admin console (`SHOW POOLS`, `PAUSE shop`, `KILL shop`,
     /// `RESUME shop`, `RECONNECT shop`...). `PAUSE` returns only once the database's server
     /// connections are released: run it in a thread to act meanwhile.
@@ -206,5 +231,83 @@ fn postgres_ids() -> (u32, u32) {
         let pw = libc::getpwnam(c"postgres".as_ptr());
         assert!(!pw.is_null(), "no `postgres` OS user");
         ((*pw).pw_uid, (*pw).pw_gid)
+    }
+}
+
+/// What a `new_client` printed: (succeeded with `1`, stderr).
+pub fn psql_outcome(out: Output) -> (bool, String) {
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1";
+    (ok, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A psql process connected through the pooler, fed statements one at a time, with
+/// `VERBOSITY=verbose` (what it prints carries the SQLSTATE).
+pub struct Psql {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The backend serving it (in transaction pooling: the one serving its open transaction).
+    pub pid: i32,
+}
+
+impl Psql {
+    fn spawn(b: &Bouncer, db: &str, user: &str) -> Psql {
+        let mut child = b
+            .psql()
+            .args(["-X", "-q", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", db, "-U", user])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Psql { child, stdin, stdout, pid: 0 }
+    }
+
+    /// Idle outside a transaction (in transaction pooling its server connection goes back to
+    /// the pool after each statement; `pid` is the one that ran its first).
+    pub fn open(b: &Bouncer, db: &str, user: &str) -> Psql {
+        let mut p = Psql::spawn(b, db, user);
+        p.pid = p.line("SELECT pg_backend_pid();").parse().unwrap();
+        p
+    }
+
+    /// Idle inside a transaction (`BEGIN`, then a statement).
+    pub fn open_in_transaction(b: &Bouncer, db: &str, user: &str) -> Psql {
+        let mut p = Psql::spawn(b, db, user);
+        p.pid = p.line("BEGIN; SELECT pg_backend_pid();").parse().unwrap();
+        p
+    }
+
+    /// Runs `sql` and returns the first line it printed.
+    pub fn line(&mut self, sql: &str) -> String {
+        writeln!(self.stdin, "{sql}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "psql printed nothing for {sql:?}");
+        line.trim().to_owned()
+    }
+
+    /// Starts a long statement and returns once the server shows it running.
+    pub fn run_long(&mut self, s: &Server) {
+        writeln!(self.stdin, "SELECT pg_sleep(60);").unwrap();
+        wait_for_described(Duration::from_secs(10), "the statement runs", || {
+            s.probe_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&self.pid],
+            )
+            .get::<_, i64>(0)
+                == 1
+        });
+    }
+
+    /// Types one more statement (which finds out what happened meanwhile), quits, and returns
+    /// what psql printed on stderr.
+    pub fn finish(mut self) -> String {
+        let _ = writeln!(self.stdin, "SELECT 1;");
+        drop(self.stdin);
+        let out = self.child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }

@@ -4,14 +4,14 @@
 //! client is told when session_kill ends its server connection (kill_sessions, the worker's idle
 //! limits, a drain); that the pool goes on serving every other client; what a new client of a
 //! drained database is told; when logins work again after undrain_database, with PgBouncer's
-//! defaults and with the drain procedure the README recommends (`PAUSE db`, drain, undrain,
-//! `RESUME db`); and a rule by client address that leaves the pooler's idle server connections
-//! to the pooler.
+//! defaults, with the drain procedure the README recommends for short maintenance (`PAUSE db`,
+//! drain, undrain, `RESUME db`) and with `RECONNECT db` after the drain (new clients are told our
+//! message); and a rule by client address that leaves the pooler's idle server connections to
+//! the pooler. Figures (how fast, how many) are in benchmarks/results.md, from
+//! `benchmarks/pgbouncer.sh`.
 
 use session_kill_pg_test::bouncer::*;
 use session_kill_pg_test::*;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,103 +26,9 @@ const QUERY_WAIT_TIMEOUT: &str = "FATAL:  08P01: query_wait_timeout";
 /// How psql reports a refused login (as opposed to an error after it logged in).
 const LOGIN_FAILED_AT_LOGIN: &str = "psql: error: connection to server";
 
-/// A psql process connected through the pooler, fed statements one at a time.
-struct Psql {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    /// The backend serving it (in transaction pooling: the one serving its open transaction).
-    pid: i32,
-}
-
-impl Psql {
-    fn spawn(b: &Bouncer, db: &str, user: &str) -> (Child, ChildStdin, BufReader<ChildStdout>) {
-        let mut child = b
-            .psql()
-            .args(["-X", "-q", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", db, "-U", user])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        (child, stdin, stdout)
-    }
-
-    /// Idle outside a transaction (in transaction pooling its server connection goes back to
-    /// the pool after each statement; `pid` is the one that ran its first).
-    fn open(b: &Bouncer, db: &str, user: &str) -> Psql {
-        let (child, stdin, stdout) = Psql::spawn(b, db, user);
-        let mut p = Psql { child, stdin, stdout, pid: 0 };
-        p.pid = p.line("SELECT pg_backend_pid();").parse().unwrap();
-        p
-    }
-
-    /// Idle inside a transaction (`BEGIN`, then a statement).
-    fn open_in_transaction(b: &Bouncer, db: &str, user: &str) -> Psql {
-        let (child, stdin, stdout) = Psql::spawn(b, db, user);
-        let mut p = Psql { child, stdin, stdout, pid: 0 };
-        p.pid = p.line("BEGIN; SELECT pg_backend_pid();").parse().unwrap();
-        p
-    }
-
-    /// Runs `sql` and returns the first line it printed.
-    fn line(&mut self, sql: &str) -> String {
-        writeln!(self.stdin, "{sql}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "psql printed nothing for {sql:?}");
-        line.trim().to_owned()
-    }
-
-    /// Starts a long statement and returns once the server shows it running.
-    fn run_long(&mut self, s: &Server) {
-        writeln!(self.stdin, "SELECT pg_sleep(60);").unwrap();
-        wait_for_described(Duration::from_secs(10), "the statement runs", || {
-            s.probe_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
-                &[&self.pid],
-            )
-            .get::<_, i64>(0)
-                == 1
-        });
-    }
-
-    /// Types one more statement (which finds out what happened meanwhile), quits, and returns
-    /// what psql printed on stderr.
-    fn finish(mut self) -> String {
-        let _ = writeln!(self.stdin, "SELECT 1;");
-        drop(self.stdin);
-        let out = self.child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-}
-
-/// A new client: `psql -c 'SELECT 1'` through the pooler, started now.
-fn new_client(b: &Bouncer, db: &str) -> Child {
-    b.psql()
-        .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", db, "-U", APP, "-c", "SELECT 1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// What a new client printed: (succeeded with `1`, stderr).
-fn outcome(out: Output) -> (bool, String) {
-    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1";
-    (ok, String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn new_client_outcome(b: &Bouncer, db: &str) -> (bool, String) {
-    outcome(new_client(b, db).wait_with_output().unwrap())
-}
-
 #[track_caller]
 fn assert_works(b: &Bouncer, db: &str) {
-    assert_eq!(new_client_outcome(b, db), (true, String::new()), "a new client through the pooler");
+    assert_eq!(b.new_client_outcome(db), (true, String::new()), "a new client through the pooler");
 }
 
 /// psql printed the server's `message` with the DETAIL line `detail`, then PgBouncer's
@@ -398,7 +304,7 @@ fn drain_with_pgbouncer_defaults(mode: PoolMode) {
     // is answered by PgBouncer.
     let first = match between {
         Some(between) => between.finish(),
-        None => new_client_outcome(&b, &db).1,
+        None => b.new_client_outcome(&db).1,
     };
     assert!(first.contains(QUERY_WAIT_TIMEOUT), "{first}");
     assert!(
@@ -410,7 +316,7 @@ fn drain_with_pgbouncer_defaults(mode: PoolMode) {
         "PgBouncer's log has our message"
     );
     // Later clients are turned away at once: PgBouncer's last server login failed.
-    let (ok, next) = new_client_outcome(&b, &db);
+    let (ok, next) = b.new_client_outcome(&db);
     assert!(!ok && next.contains(LOGIN_FAILING) && !next.contains(LOGIN_FAILED_AT_LOGIN), "{next}");
     let refused: i64 = s
         .admin()
@@ -422,12 +328,12 @@ fn drain_with_pgbouncer_defaults(mode: PoolMode) {
     // Reopened: PgBouncer still turns clients away until server_login_retry has passed since
     // its last failed server login (well under 15 s ago here), then logins work.
     undrain(s, &db);
-    let (ok, right_after) = new_client_outcome(&b, &db);
+    let (ok, right_after) = b.new_client_outcome(&db);
     assert!(!ok && right_after.contains(LOGIN_FAILING), "{right_after}");
     let reopened = Instant::now();
     let mut refused_after = 1;
     wait_for_described(Duration::from_secs(60), "logins through PgBouncer work again", || {
-        let (ok, stderr) = new_client_outcome(&b, &db);
+        let (ok, stderr) = b.new_client_outcome(&db);
         assert!(ok || stderr.contains(LOGIN_FAILING), "{stderr}");
         refused_after += usize::from(!ok);
         thread::sleep(Duration::from_millis(100));
@@ -481,7 +387,7 @@ fn pause_drain_undrain_resume(mode: PoolMode) {
     assert_told_then_crashed(&holding.finish(), TERMINATED, &drained_message(&db));
 
     // Maintenance: a new client is let in, and its statement waits.
-    let waiting = new_client(&b, &db);
+    let waiting = b.new_client(&db);
     wait_for_described(Duration::from_secs(10), "the new client waits", || {
         b.admin("SHOW CLIENTS")
             .iter()
@@ -489,7 +395,11 @@ fn pause_drain_undrain_resume(mode: PoolMode) {
     });
     undrain(s, &db);
     b.admin(&format!("RESUME {db}"));
-    assert_eq!(outcome(waiting.wait_with_output().unwrap()), (true, String::new()), "the waiting client");
+    assert_eq!(
+        psql_outcome(waiting.wait_with_output().unwrap()),
+        (true, String::new()),
+        "the waiting client"
+    );
     if let Some(between) = between {
         assert_eq!(between.finish(), "", "a client between statements sees nothing");
     }
@@ -505,4 +415,52 @@ fn pause_drain_undrain_resume_behind_session_pooling() {
 #[test]
 fn pause_drain_undrain_resume_behind_transaction_pooling() {
     pause_drain_undrain_resume(PoolMode::Transaction);
+}
+
+/// `RECONNECT db` right after the drain makes PgBouncer forget the server parameters it answers
+/// logins with: a new client's login then waits for a server login of its own, and when the
+/// gate refuses that, PgBouncer passes our message on to the waiting clients, as a refused login
+/// (its own SQLSTATE 08P01, the message text only: no DETAIL, no HINT). With
+/// `server_login_retry = 1` each new client is told within about a second, and once the
+/// database is reopened the next login works.
+fn drain_then_reconnect(mode: PoolMode) {
+    let s = server();
+    let db = s.fresh_db(&format!("t_pgb_reconnect_{}", mode.as_str()));
+    let b = Bouncer::start(s, mode, &["server_login_retry = 1"]);
+    let holding = match mode {
+        PoolMode::Session => Psql::open(&b, &db, APP),
+        PoolMode::Transaction => Psql::open_in_transaction(&b, &db, APP),
+    };
+    drain(s, &db);
+    b.admin(&format!("RECONNECT {db}"));
+    assert_told_then_crashed(&holding.finish(), TERMINATED, &drained_message(&db));
+
+    let message = format!("database \"{db}\" is being drained by session_kill");
+    for _ in 0..2 {
+        let (ok, stderr) = b.new_client_outcome(&db);
+        assert!(!ok, "{stderr}");
+        assert!(
+            stderr.contains(LOGIN_FAILED_AT_LOGIN)
+                && stderr.contains(&format!("failed: FATAL:  {message}\n")),
+            "psql is told our message as a refused login: {stderr:?}"
+        );
+        let err = b.config(&db, APP).connect(postgres::NoTls).err().expect("the login is refused");
+        let db_err = err.as_db_error().unwrap_or_else(|| panic!("a server error, got {err:?}"));
+        assert_eq!(
+            (db_err.severity(), db_err.code().code(), db_err.message(), db_err.detail(), db_err.hint()),
+            ("FATAL", "08P01", message.as_str(), None, None)
+        );
+    }
+    undrain(s, &db);
+    assert_works(&b, &db);
+}
+
+#[test]
+fn drain_then_reconnect_behind_session_pooling() {
+    drain_then_reconnect(PoolMode::Session);
+}
+
+#[test]
+fn drain_then_reconnect_behind_transaction_pooling() {
+    drain_then_reconnect(PoolMode::Transaction);
 }
