@@ -3,15 +3,17 @@
 # Writes its figures, with this command, into the "Behind PgBouncer" section of
 # benchmarks/results.md, replacing only that section (the other sections are left as they are).
 #
-# Usage: benchmarks/pgbouncer.sh [PG_CONFIG]
+# Usage: benchmarks/pgbouncer.sh [PG_CONFIG ...]
 #   PG_CONFIG: the pg_config of an installation that has session_kill installed (default: the
-#   tests' private PostgreSQL 15, where scripts/test.sh and scripts/bench.sh install it).
+#   tests' private PostgreSQL 15 and PostgreSQL 18, where scripts/test.sh and scripts/bench.sh
+#   install it). One subsection per installation.
 # Needs Debian's pgbouncer (scripts/install-deps.sh installs it). Set SESSION_KILL_TEST_ROOT to
 # choose where the server and the poolers keep their files (default /var/tmp/session_kill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-pg_config=${1:-$PG15_PRIVATE_CONFIG}
+pg_configs=("$@")
+((${#pg_configs[@]})) || pg_configs=("$PG15_PRIVATE_CONFIG" "$PG18_CONFIG")
 out=benchmarks/results.md
 root=${SESSION_KILL_TEST_ROOT:-/var/tmp/session_kill}
 mkdir -p "$root"
@@ -23,9 +25,11 @@ section=$(mktemp)
   echo "## Behind PgBouncer ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
   echo
   echo "Command: \`benchmarks/pgbouncer.sh $*\` (pg_test/src/bin/bench_pgbouncer.rs, release build, against the"
-  echo "session_kill installed for that pg_config; it starts its own server and PgBouncer processes)."
+  echo "session_kill installed for each pg_config; it starts its own server and PgBouncer processes)."
   echo
-  SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$root pg_test/target/release/bench_pgbouncer
+  for pg_config in "${pg_configs[@]}"; do
+    SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$root pg_test/target/release/bench_pgbouncer
+  done
 } >"$section"
 
 # Replace the section from its heading to the next "## " heading (or the end), or append it.
