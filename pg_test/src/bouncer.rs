@@ -93,6 +93,7 @@ impl Bouncer {
             format!("auth_file = {}", dir.join("userlist.txt").display()),
             format!("admin_users = {BOUNCER_ADMIN}"),
             format!("pool_mode = {}", mode.as_str()),
+            // Above PgBouncer's defaults (100, 20), so that the benchmark's clients fit.
             "max_client_conn = 500".to_owned(),
             "default_pool_size = 50".to_owned(),
         ];
