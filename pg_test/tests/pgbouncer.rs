@@ -297,6 +297,11 @@ fn drain_with_pgbouncer_defaults(mode: PoolMode) {
     let (at_start, terminated, remaining) = drain(s, &db);
     assert_eq!((terminated, remaining), (at_start, 0));
     assert_told_then_crashed(&holding.finish(), TERMINATED, &drained_message(&db));
+    // (Once PgBouncer has dropped the ended connections: one it still held idle could be handed
+    // to the next statement first.)
+    wait_for_described(Duration::from_secs(10), "PgBouncer drops the ended connections", || {
+        b.server_connections(&db, APP) == 0
+    });
 
     // The first statement that needs a server connection (a new client's; in transaction
     // pooling, the client between statements) waits for a server login that the gate refuses
