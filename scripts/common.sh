@@ -39,6 +39,9 @@ install_extension() {
   cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >"$staging.log" 2>&1 ||
     { cat "$staging.log" >&2; rm -rf "$staging" "$staging.log"; return 1; }
   rm -f "$staging.log"
+  # cargo pgrx package writes the current install script and sql/'s upgrade scripts; the install
+  # scripts of earlier versions (for CREATE EXTENSION ... VERSION and the upgrade test) come too.
+  cp sql/session_kill--*.sql "$staging$("$pg_config" --sharedir)/extension/"
   # Files that a Debian package owns (postgresql-15-session-kill, from scripts/package.sh) are
   # left alone: dpkg would still list them and delete this build's copy on `apt remove`.
   local owners
