@@ -93,9 +93,17 @@ pub(crate) fn interval(micros: Micros) -> Interval {
 /// The extension's objects in this database must be the version this library was built for: an
 /// older catalog (before `ALTER EXTENSION session_kill UPDATE`) has other signatures and columns.
 pub(crate) fn require_current_catalog() {
-    let installed = Spi::get_one::<String>(
-        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'session_kill'",
-    )
+    // A read-only query: on a hot standby a writing one cannot even start.
+    let installed = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'session_kill'",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<String>()
+    })
     .ok()
     .flatten();
     let library = env!("CARGO_PKG_VERSION");

@@ -350,11 +350,7 @@ pub fn locks() -> Vec<LockEntry> {
 /// For each session where a chain of lock waits begins (it holds up others and waits for no lock
 /// itself), when the longest wait it causes began.
 pub fn lock_chain_starts() -> HashMap<i32, Micros> {
-    crate::lock_graph::blockers(&locks())
-        .into_iter()
-        .filter(|b| !b.waits)
-        .map(|b| (b.pid, b.waiting_since))
-        .collect()
+    crate::lock_graph::chain_starts(&locks())
 }
 
 fn locktag(tag: &LockTag) -> pg_sys::LOCKTAG {

@@ -286,7 +286,6 @@ fn blockers_names_both_links_of_a_chain_of_three() {
 /// does a moment's more work in its transaction (shorter than the limit) and commits, and C then
 /// runs. B held C up only while A held B up; it must not be charged with C's whole wait.
 #[test]
-#[ignore = "main's worker also ends B: once A is gone, B is where C's chain begins and is charged with C's whole wait (blocking_since = C's wait start), so it is due at once"]
 fn blocker_timeout_ends_only_the_head_of_a_chain_of_three() {
     let s = Server::start(&["session_kill.blocker_timeout = '3s'"]);
     // A rule that matches no session, so the worker looks every 100 ms.
@@ -402,7 +401,6 @@ fn a_running_blocker_whose_cancel_releases_the_lock_is_only_cancelled() {
 /// first (issue 9: "Idle-in-transaction blockers go first"). Eight, so that a worker taking them
 /// in no particular order passes only by chance (1 in 70).
 #[test]
-#[ignore = "main's worker ends blockers due in one scan in hash-map order (worker.rs Worker::scan iterates sessions.values()), not idle-in-transaction first"]
 fn idle_in_transaction_blockers_are_ended_before_running_ones_due_in_the_same_scan() {
     let s = Server::start(&["session_kill.blocker_timeout = '1s'"]);
     app_tables(&s, &["t"]);
