@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Runs every test of session_kill on PostgreSQL 15 and 18, installing what is missing first:
+# Runs every test of session_kill on PostgreSQL 15, 16 and 18, installing what is missing first:
 #   1. plain `cargo test` of the pure policy module;
 #   2. `cargo pgrx test`: in-backend tests in a server with the library preloaded;
 #   3. pg_test/: integration tests against a real preloaded server with many real clients,
 #      psql scripts, dropdb and pgbench, and the attack tier;
 #   4. scripts/operator-check.sh: the README's commands beside running servers (PostgreSQL 15).
 # Tests install into private installations, never into the demo's.
-# Usage: scripts/test.sh [15|18 ...]   (default: both)
+# Usage: scripts/test.sh [15|16|18 ...]   (default: all three)
+# SESSION_KILL_TEST_ROOT (default /var/tmp/session_kill) holds the test clusters; a run clears the
+# clusters of earlier runs there, so concurrent runs on one machine need different roots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 use_majors "$@"
-work=/var/tmp/session_kill
+work=${SESSION_KILL_TEST_ROOT:-/var/tmp/session_kill}
 mkdir -p "$work"
 rm -rf "$work"/cluster-* "$work"/standby-*  # clusters of earlier runs; each test stops its own
 chown postgres: "$work"
