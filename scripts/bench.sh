@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): writes figures, with the command that produced them, into
-# benchmarks/results.md. Usage: scripts/bench.sh [15|18 ...]   (default: both)
+# benchmarks/results.md. Usage: scripts/bench.sh [15|16|18 ...]   (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
