@@ -7,12 +7,12 @@
 # Each section states the command, commit, date and machine that produced it. With --only, the
 # other groups' sections are kept as they were (with their own command and commit).
 # SESSION_KILL_PG15_CONFIG / SESSION_KILL_PG18_CONFIG: the pg_config of another private
-# installation to install into and run against (default: the tests' private installations).
+# installation to install into and run against (default: the tests' private installations);
+# SESSION_KILL_TEST_ROOT: where the benchmarks' clusters go (default: /var/tmp/session_kill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="scripts/bench.sh $*"
-for v in 15 18; do
-  var=SESSION_KILL_PG${v}_CONFIG
+for var in SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG15_CONFIG; do
   [[ -z ${!var:-} ]] || command="$var=${!var} $command"
 done
 source scripts/common.sh
@@ -26,8 +26,9 @@ if [[ ${1:-} == --only ]]; then
 fi
 use_majors "$@"
 out=benchmarks/results.md
-mkdir -p benchmarks /var/tmp/session_kill
-chown postgres: /var/tmp/session_kill
+root=${SESSION_KILL_TEST_ROOT:-/var/tmp/session_kill}
+mkdir -p benchmarks "$root"
+chown postgres: "$root"
 cargo build --release --manifest-path pg_test/Cargo.toml --bins
 
 commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql pg_test scripts Cargo.toml || echo ', with uncommitted changes')"

@@ -173,8 +173,8 @@ fn main() {
     print_section(&version, &methods, &results, &cpu, rounds_took, [load_start, load_mid, load_end]);
 }
 
-/// A server whose cluster is removed once it is stopped, also when the benchmark panics (a
-/// benchmark's clusters are of no use afterwards, and take space).
+/// A server whose cluster is removed once it is stopped (a benchmark's clusters are of no use
+/// afterwards, and take space), unless the benchmark failed: then its log is worth reading.
 struct Cluster(Server);
 
 impl Cluster {
@@ -193,7 +193,11 @@ impl std::ops::Deref for Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.0.stop();
-        let _ = std::fs::remove_dir_all(&self.0.datadir);
+        if thread::panicking() {
+            eprintln!("kept for inspection: {}", self.0.datadir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0.datadir);
+        }
     }
 }
 
