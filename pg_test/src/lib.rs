@@ -5,6 +5,7 @@
 //! The server comes from `SESSION_KILL_PG_BINDIR` (the `pg_config --bindir` of an installation
 //! that has session_kill installed).
 
+pub mod bouncer;
 pub mod stats;
 
 use postgres::{Client, Config, NoTls};
@@ -381,11 +382,11 @@ pub fn run_checked(cmd: &mut Command) -> Output {
     out
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
