@@ -129,6 +129,24 @@ fn main() {
         })
     };
 
+    // A reference for the machine's scheduling delay during the rounds: a thread that sleeps to
+    // random deadlines (as the worker waits on its latch until a deadline) and notes how late it
+    // wakes. No PostgreSQL involved.
+    let stop_reference = Arc::new(AtomicBool::new(false));
+    let reference = {
+        let stop = stop_reference.clone();
+        thread::spawn(move || {
+            let mut late = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let pause = Duration::from_micros(random_below(1_000_000));
+                let start = Instant::now();
+                thread::sleep(pause);
+                late.push((start.elapsed() - pause).as_secs_f64() * 1000.0);
+            }
+            late
+        })
+    };
+
     let methods = [Method::Worker, Method::MakeWay, Method::Polling, Method::Retry];
     let mut results: Vec<Results> = methods.iter().map(|_| Results::default()).collect();
     let started = Instant::now();
@@ -163,6 +181,8 @@ fn main() {
     let rounds_took = started.elapsed();
     stop_polling.store(true, Ordering::Relaxed);
     poller.join().unwrap();
+    stop_reference.store(true, Ordering::Relaxed);
+    let reference = reference.join().unwrap();
     drop((polled, plain));
     let load_mid = load_average();
 
@@ -170,7 +190,8 @@ fn main() {
     drop(worker_srv);
     let load_end = load_average();
 
-    print_section(&version, &methods, &results, &cpu, rounds_took, [load_start, load_mid, load_end]);
+    let load = [load_start, load_mid, load_end];
+    print_section(&version, &methods, &results, &reference, &cpu, rounds_took, load);
 }
 
 /// A server whose cluster is removed once it is stopped (a benchmark's clusters are of no use
@@ -391,6 +412,7 @@ fn print_section(
     version: &str,
     methods: &[Method],
     results: &[Results],
+    reference: &[f64],
     cpu: &[Cpu],
     rounds_took: Duration,
     load: [String; 3],
@@ -461,6 +483,14 @@ fn print_section(
             );
         }
     }
+    println!(
+        "\nFor reference, the machine's scheduling delay during the same rounds: a thread of this benchmark sleeping to random deadlines ({} sleeps of 0–1 s, no PostgreSQL involved) woke p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms late. The worker waits on its latch to a deadline the same way (rounded up to whole ms), so it pays that delay too.",
+        reference.len(),
+        pct(reference, 0.5),
+        pct(reference, 0.9),
+        pct(reference, 0.99),
+        pct(reference, 1.0)
+    );
     println!(
         "\n#### CPU with {SESSIONS} idle sessions, nothing blocked\n\n\
          Over {} s per line, as a share of one core: from utime + stime in `/proc/<pid>/stat` (clock ticks: one tick over the window is {:.3} %, so 0.000 % means less than that) and from `/proc/<pid>/schedstat` (time on CPU in ns, not tick-sampled).\n",
