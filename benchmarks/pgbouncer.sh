@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): session_kill behind a real PgBouncer (pg_test/src/bin/bench_pgbouncer.rs).
 # Writes its figures, with this command, into the "Behind PgBouncer" section of
-# benchmarks/results.md, replacing only that section (the other sections are left as they are).
+# benchmarks/results.md (between <!-- bench:pgbouncer --> markers, scripts/bench.sh's convention),
+# replacing only that section; the other sections are left as they are.
 #
 # Usage: benchmarks/pgbouncer.sh [PG_CONFIG ...]
 #   PG_CONFIG: the pg_config of an installation that has session_kill installed (default: the
@@ -22,6 +23,7 @@ cargo build --release --manifest-path pg_test/Cargo.toml --bin bench_pgbouncer
 
 section=$(mktemp)
 {
+  echo "<!-- bench:pgbouncer -->"
   echo "## Behind PgBouncer ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD))"
   echo
   echo "Command: \`benchmarks/pgbouncer.sh $*\` (pg_test/src/bin/bench_pgbouncer.rs, release build, against the"
@@ -30,14 +32,15 @@ section=$(mktemp)
   for pg_config in "${pg_configs[@]}"; do
     SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$root pg_test/target/release/bench_pgbouncer
   done
+  echo "<!-- /bench:pgbouncer -->"
 } >"$section"
 
-# Replace the section from its heading to the next "## " heading (or the end), or append it.
+# Replace the lines between the section's markers (scripts/bench.sh's convention), or append them.
 touch "$out"
 awk -v section="$section" '
-  /^## Behind PgBouncer/ { while ((getline line < section) > 0) print line; skipping = 1; done = 1; next }
-  skipping && /^## / { skipping = 0 }
-  !skipping { print }
+  $0 == "<!-- bench:pgbouncer -->" { while ((getline line < section) > 0) print line; skipping = 1; done = 1; next }
+  skipping { if ($0 == "<!-- /bench:pgbouncer -->") skipping = 0; next }
+  { print }
   END { if (!done) { print ""; while ((getline line < section) > 0) print line } }
 ' "$out" >"$out.new"
 mv "$out.new" "$out"

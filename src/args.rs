@@ -89,3 +89,29 @@ pub(crate) fn timestamp(micros: Micros) -> Option<TimestampWithTimeZone> {
 pub(crate) fn interval(micros: Micros) -> Interval {
     Interval::from_micros(micros).justify_hours()
 }
+
+/// The extension's objects in this database must be the version this library was built for: an
+/// older catalog (before `ALTER EXTENSION session_kill UPDATE`) has other signatures and columns.
+pub(crate) fn require_current_catalog() {
+    // A read-only query: on a hot standby a writing one cannot even start.
+    let installed = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'session_kill'",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<String>()
+    })
+    .ok()
+    .flatten();
+    let library = env!("CARGO_PKG_VERSION");
+    if let Some(installed) = installed.filter(|v| v != library) {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the session_kill library is version {library}, but the extension in this database is version {installed}"),
+            "Run ALTER EXTENSION session_kill UPDATE in this database.",
+        );
+    }
+}

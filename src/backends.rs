@@ -64,7 +64,7 @@ fn live_entry(pid: i32, with_query: bool) -> Option<pg_sys::PgBackendStatus> {
             return None;
         }
         // Regular backends own the first MaxBackends slots; a backend still starting up may have
-        // no backend id yet (PG 15), and then has no entry to read.
+        // no backend id yet (PG 15/16), and then has no entry to read.
         let index = status_index_of(proc);
         if !(0..pg_sys::MaxBackends as isize).contains(&index) {
             return None;
@@ -90,25 +90,25 @@ fn live_entry(pid: i32, with_query: bool) -> Option<pg_sys::PgBackendStatus> {
     }
 }
 
-#[cfg(feature = "pg15")]
+#[cfg(any(feature = "pg15", feature = "pg16"))]
 unsafe fn status_index_of(proc: *const pg_sys::PGPROC) -> isize {
     // SAFETY: proc is a live PGPROC of a regular backend.
     unsafe { (*proc).backendId as isize - 1 }
 }
 
-#[cfg(feature = "pg15")]
+#[cfg(any(feature = "pg15", feature = "pg16"))]
 unsafe fn own_status_index() -> isize {
     // SAFETY: MyBackendId is set for every regular backend.
     unsafe { pg_sys::MyBackendId as isize - 1 }
 }
 
-#[cfg(not(feature = "pg15"))]
+#[cfg(not(any(feature = "pg15", feature = "pg16")))]
 unsafe fn status_index_of(proc: *const pg_sys::PGPROC) -> isize {
     // SAFETY: proc points into ProcGlobal->allProcs (GetNumberFromPGProc).
     unsafe { proc.offset_from((*pg_sys::ProcGlobal).allProcs) }
 }
 
-#[cfg(not(feature = "pg15"))]
+#[cfg(not(any(feature = "pg15", feature = "pg16")))]
 unsafe fn own_status_index() -> isize {
     // SAFETY: MyProcNumber is set for every backend with a PGPROC.
     unsafe { pg_sys::MyProcNumber as isize }
@@ -350,11 +350,7 @@ pub fn locks() -> Vec<LockEntry> {
 /// For each session where a chain of lock waits begins (it holds up others and waits for no lock
 /// itself), when the longest wait it causes began.
 pub fn lock_chain_starts() -> HashMap<i32, Micros> {
-    crate::lock_graph::blockers(&locks())
-        .into_iter()
-        .filter(|b| !b.waits)
-        .map(|b| (b.pid, b.waiting_since))
-        .collect()
+    crate::lock_graph::chain_starts(&locks())
 }
 
 fn locktag(tag: &LockTag) -> pg_sys::LOCKTAG {

@@ -39,6 +39,7 @@ fn blockers(
         name!(protected, Option<String>),
     ),
 > {
+    crate::args::require_current_catalog();
     let scope = db.map(|name| database_oid(&name.0));
     let found = lock_graph::blockers(&backends::locks());
     let backends: HashMap<i32, Backend> =

@@ -130,6 +130,7 @@ fn drain_database(
         name!(elapsed, Interval),
     ),
 > {
+    crate::args::require_current_catalog();
     require_preloaded();
     let db = db.unwrap_or_else(|| null_argument("db", "Name the database to drain.")).0;
     let timeout = args::duration_arg("timeout", timeout);
@@ -172,6 +173,7 @@ fn drain_database(
 /// Reopens a drained database. Returns false (with a notice) if it was not closed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn undrain_database(db: Option<Name>) -> bool {
+    crate::args::require_current_catalog();
     require_preloaded();
     let db = db.unwrap_or_else(|| null_argument("db", "Name the database to reopen.")).0;
     let name = DbName::new(&db);
@@ -221,6 +223,7 @@ fn drains() -> TableIterator<
         name!(allow_superusers, bool),
     ),
 > {
+    crate::args::require_current_catalog();
     require_preloaded();
     let gates = shmem::closed_gates(backends::now());
     TableIterator::new(gates.into_iter().map(|g| {

@@ -49,6 +49,7 @@ fn sessions(
         name!(protected, Option<String>),
     ),
 > {
+    crate::args::require_current_catalog();
     let scope = db.map(|name| database_oid(&name.0));
     let protections = gucs::protections(false);
     let now = backends::now();
@@ -83,9 +84,9 @@ fn sessions(
 /// Cancels or terminates the client sessions of `db` that match every given filter, waits until
 /// they are really gone (bounded by `wait`) and returns one row per matching session with what
 /// was done and what came of it.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(name = "kill_sessions", volatile, parallel_unsafe)]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn kill_sessions(
+fn kill_sessions_0_2(
     db: Option<Name>,
     mode: default!(Option<Text>, "'terminate'"),
     min_idle: default!(Option<Interval>, "'0'"),
@@ -112,6 +113,7 @@ fn kill_sessions(
         name!(outcome, String),
     ),
 > {
+    crate::args::require_current_catalog();
     let all_databases =
         all_databases.unwrap_or_else(|| null_argument("all_databases", "Pass true or false."));
     let database = match (db, all_databases) {
@@ -165,6 +167,22 @@ fn kill_sessions(
             t.outcome.map_or_else(String::new, |o| o.to_string()),
         )
     }))
+}
+
+/// The C symbol of `kill_sessions` in the 0.1.0 catalog, whose signature had one argument fewer:
+/// called before `ALTER EXTENSION session_kill UPDATE`, it says so instead of misreading its
+/// arguments. (The 0.2.0 catalog calls `kill_sessions_0_2_wrapper`.)
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn kill_sessions_wrapper(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    crate::args::require_current_catalog();
+    unreachable!("only a 0.1.0 catalog calls this symbol")
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_kill_sessions_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1_API
 }
 
 #[derive(Clone)]

@@ -11,7 +11,7 @@
 //! group to their leader.
 
 use crate::policy::Micros;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// A lock: the fields of PostgreSQL's LOCKTAG.
 pub type LockTag = ([u32; 3], u16, u8, u8);
@@ -152,6 +152,17 @@ pub fn blockers(entries: &[LockEntry]) -> Vec<Blocker> {
         })
         .filter(|b| !b.blocked.is_empty())
         .collect()
+}
+
+/// For each session where a chain of lock waits begins (it holds up others and waits for no lock
+/// itself), when the longest wait it causes began.
+pub fn chain_starts(entries: &[LockEntry]) -> HashMap<i32, Micros> {
+    blockers(entries).into_iter().filter(|b| !b.waits).map(|b| (b.pid, b.waiting_since)).collect()
+}
+
+/// The sessions waiting for a lock.
+pub fn waiting(entries: &[LockEntry]) -> HashSet<i32> {
+    entries.iter().filter(|e| e.waiting.is_some()).map(|e| e.pid).collect()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ fn action_counts() -> TableIterator<
     'static,
     (name!(source, String), name!(reason, String), name!(outcome, String), name!(sessions, i64)),
 > {
+    crate::args::require_current_catalog();
     shmem::require_preloaded();
     let (rows, _) = shmem::counts();
     TableIterator::new(rows.into_iter().map(|r| (r.source.to_owned(), r.reason, r.outcome, r.count as i64)))
@@ -41,6 +42,7 @@ fn worker_status() -> TableIterator<
         name!(sync_retry_at, Option<TimestampWithTimeZone>),
     ),
 > {
+    crate::args::require_current_catalog();
     shmem::require_preloaded();
     let (_, w) = shmem::counts();
     let sync = shmem::sync_state();

@@ -233,9 +233,9 @@ fn handle_sigterm_like_a_backend() {
     // SAFETY: installs the standard backend handler, then unblocks signals, as a worker's main
     // function does first.
     unsafe {
-        #[cfg(feature = "pg15")]
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
         pg_sys::pqsignal(libc::SIGTERM, Some(die));
-        #[cfg(not(feature = "pg15"))]
+        #[cfg(not(any(feature = "pg15", feature = "pg16")))]
         pg_sys::pqsignal_be(libc::SIGTERM, Some(die));
         pg_sys::BackgroundWorkerUnblockSignals();
     }

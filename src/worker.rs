@@ -135,6 +135,10 @@ struct Worker {
     databases: HashMap<u32, String>,
     /// The published rules as last parsed, with their generation.
     parsed_rules: Option<(u64, Vec<Rule>)>,
+    /// Sessions waiting for a lock at the last scan, and when sessions that were seen waiting
+    /// were first seen holding others up without waiting themselves.
+    waiting_at_last_scan: HashSet<i32>,
+    free_since: HashMap<i32, Micros>,
 }
 
 impl Default for Worker {
@@ -149,17 +153,9 @@ impl Default for Worker {
             logins: Logins::default(),
             databases: HashMap::new(),
             parsed_rules: None,
+            waiting_at_last_scan: HashSet::new(),
+            free_since: HashMap::new(),
         }
-    }
-}
-
-/// Where chains of lock waits begin (see `backends::lock_chain_starts`), read from the lock
-/// manager only while some rule or setting limits blocking.
-fn blocking_since(rules: &RuleSet) -> HashMap<i32, Micros> {
-    if rules.measures(Measure::Blocking) {
-        backends::lock_chain_starts()
-    } else {
-        HashMap::new()
     }
 }
 
@@ -199,12 +195,39 @@ impl Worker {
         Duration::from_millis(micros.div_ceil(1000))
     }
 
+    /// Where chains of lock waits begin, and since when each such session counts as blocking:
+    /// the start of the longest wait it causes, but never before the worker saw it stop waiting
+    /// itself, so the middle of a chain whose head has just gone is not charged with the whole
+    /// chain's wait. `scan` keeps track of who waits; a re-check only reads. The lock manager is
+    /// read only while some rule or setting limits blocking.
+    fn blocking_since(&mut self, rules: &RuleSet, scan: bool) -> HashMap<i32, Micros> {
+        if !rules.measures(Measure::Blocking) {
+            self.waiting_at_last_scan.clear();
+            self.free_since.clear();
+            return HashMap::new();
+        }
+        let locks = backends::locks();
+        let starts = lock_graph::chain_starts(&locks);
+        if scan {
+            let now = backends::now();
+            for pid in starts.keys().filter(|pid| self.waiting_at_last_scan.contains(pid)) {
+                self.free_since.entry(*pid).or_insert(now);
+            }
+            self.waiting_at_last_scan = lock_graph::waiting(&locks);
+            self.free_since.retain(|pid, _| starts.contains_key(pid));
+        }
+        starts
+            .into_iter()
+            .map(|(pid, since)| (pid, self.free_since.get(&pid).map_or(since, |free| since.max(*free))))
+            .collect()
+    }
+
     /// Ends every session past its deadline, relieves connection pressure, starts a sync of the
     /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan(&mut self) -> Option<Micros> {
         let rules = self.rules();
         let read = backends::sessions();
-        let blocking = blocking_since(&rules);
+        let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
         let sessions: HashMap<i32, Session> = read
             .into_iter()
@@ -308,7 +331,8 @@ impl Worker {
     fn enforce(&mut self, chosen: &Session, rules: &RuleSet) -> Option<Micros> {
         let now = self.now();
         let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
-        fresh.session.blocking_since = blocking_since(rules).get(&chosen.pid).copied().unwrap_or(0);
+        fresh.session.blocking_since =
+            self.blocking_since(rules, false).get(&chosen.pid).copied().unwrap_or(0);
         fresh.session = self.clock.corrected(&fresh.session);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;

@@ -36,6 +36,11 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+        // A passing test leaves no cluster behind (a full run would fill the disk); a failing
+        // one keeps its data directory and server log for a look.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.datadir);
+        }
     }
 }
 
