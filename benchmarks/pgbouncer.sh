@@ -6,15 +6,15 @@
 #
 # Usage: benchmarks/pgbouncer.sh [PG_CONFIG ...]
 #   PG_CONFIG: the pg_config of an installation that has session_kill installed (default: the
-#   tests' private PostgreSQL 15 and PostgreSQL 18, where scripts/test.sh and scripts/bench.sh
-#   install it). One subsection per installation.
+#   tests' private PostgreSQL 15, 16 and 18, where scripts/test.sh and scripts/bench.sh install
+#   it). One subsection per installation.
 # Needs Debian's pgbouncer (scripts/install-deps.sh installs it). Set SESSION_KILL_TEST_ROOT to
 # choose where the server and the poolers keep their files (default /var/tmp/session_kill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 pg_configs=("$@")
-((${#pg_configs[@]})) || pg_configs=("$PG15_PRIVATE_CONFIG" "$PG18_CONFIG")
+((${#pg_configs[@]})) || pg_configs=("$PG15_PRIVATE_CONFIG" "$PG16_CONFIG" "$PG18_CONFIG")
 out=benchmarks/results.md
 root=${SESSION_KILL_TEST_ROOT:-/var/tmp/session_kill}
 mkdir -p "$root"
