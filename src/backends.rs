@@ -129,6 +129,11 @@ pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
+/// The PID of the startup process, which replays WAL on a standby; `None` outside recovery.
+pub fn startup_pid() -> Option<i32> {
+    raw_entries().iter().find(|e| e.st_backendType == pg_sys::BackendType::B_STARTUP).map(|e| e.st_procpid)
+}
+
 /// This backend: its PID and start time, which together never name another process.
 pub fn own_key() -> (i32, Micros) {
     // SAFETY: both are set when the process starts.
@@ -215,6 +220,7 @@ fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
         is_superuser: role.is_superuser,
         caller_may_signal: role.may_signal,
         blocking_since: 0,
+        replay_held_since: 0,
     }
 }
 

@@ -115,6 +115,7 @@ mod tests {
             is_superuser: false,
             caller_may_signal: true,
             blocking_since: 0,
+            replay_held_since: 0,
         }
     }
 

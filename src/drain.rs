@@ -482,6 +482,7 @@ fn starting_session(login: &Admission, database_oid: u32) -> Session {
         is_superuser: login.superuser,
         caller_may_signal: signal::may_signal_role(role),
         blocking_since: 0,
+        replay_held_since: 0,
     }
 }
 

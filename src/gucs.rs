@@ -34,6 +34,13 @@ pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// running statement is cancelled first if the rule says so. 0 turns it off.
 pub static BLOCKER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.replay_lag_timeout`: on a hot standby, cancels the statements of client sessions
+/// that have held back the replay of WAL for longer than this (the startup process waits in a
+/// recovery conflict with them, see `replay.rs`), and terminates a session still in the way 5 s
+/// later (one with nothing running at once). 0 turns it off; `replay_lag` rules do it per
+/// database, role, application or network.
+pub static REPLAY_LAG_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// `session_kill.make_way_after`: settable by any user. Once this session has waited this long
 /// for a lock, the worker ends the sessions that hold up its request (a session queued ahead of
 /// it too), if its own role could `pg_terminate_backend` them; superusers and protected sessions
@@ -78,6 +85,11 @@ pub fn register() {
             c"session_kill.blocker_timeout",
             c"Terminates client sessions that have held up another session's lock request for longer than this (0 turns it off).",
             &BLOCKER_TIMEOUT,
+        ),
+        (
+            c"session_kill.replay_lag_timeout",
+            c"On a hot standby, cancels queries that have held back replay for longer than this (0 turns it off).",
+            &REPLAY_LAG_TIMEOUT,
         ),
     ] {
         GucRegistry::define_int_guc(
@@ -185,6 +197,7 @@ pub fn limits() -> crate::rules::Limits {
         idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
         transaction: micros(&TRANSACTION_TIMEOUT),
         blocking: micros(&BLOCKER_TIMEOUT),
+        replay_lag: micros(&REPLAY_LAG_TIMEOUT),
     }
 }
 

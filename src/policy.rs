@@ -273,6 +273,9 @@ pub struct Session {
     /// When the longest-waiting of the sessions it holds up in the lock manager began to wait, if
     /// it holds any up and waits for no lock itself; 0 otherwise, or when not looked up.
     pub blocking_since: Micros,
+    /// On a hot standby, since when the session has held back replay (see `replay.rs`); 0 when
+    /// it does not, or when not looked up.
+    pub replay_held_since: Micros,
 }
 
 impl Session {
@@ -627,6 +630,7 @@ pub(crate) mod test_support {
             is_superuser: false,
             caller_may_signal: true,
             blocking_since: 0,
+            replay_held_since: 0,
         }
     }
 }

@@ -27,11 +27,21 @@ pub enum Measure {
     /// Holding up another session in the lock manager (and waiting for no lock itself), since
     /// the longest-waiting of those it holds up began to wait.
     Blocking,
+    /// On a hot standby, holding back the replay of WAL: the startup process waits in a recovery
+    /// conflict with the session (see `replay.rs`), since the worker first saw it wait there (or
+    /// first saw this session responsible, if that came later in the same wait).
+    ReplayLag,
 }
 
 impl Measure {
-    const ALL: [Measure; 5] =
-        [Measure::Idle, Measure::IdleInTransaction, Measure::Transaction, Measure::Active, Measure::Blocking];
+    const ALL: [Measure; 6] = [
+        Measure::Idle,
+        Measure::IdleInTransaction,
+        Measure::Transaction,
+        Measure::Active,
+        Measure::Blocking,
+        Measure::ReplayLag,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -40,6 +50,7 @@ impl Measure {
             Measure::Transaction => "transaction",
             Measure::Active => "active",
             Measure::Blocking => "blocking",
+            Measure::ReplayLag => "replay_lag",
         }
     }
 
@@ -51,6 +62,7 @@ impl Measure {
             Measure::Transaction => format!("in a transaction for {how_long}"),
             Measure::Active => format!("running a statement for {how_long}"),
             Measure::Blocking => format!("holding up another session's lock request for {how_long}"),
+            Measure::ReplayLag => format!("holding back replay on this standby for {how_long}"),
         }
     }
 
@@ -68,6 +80,7 @@ impl Measure {
             (Measure::Transaction, _) => s.xact_start,
             (Measure::Active, state) if state.is_running() => s.query_start,
             (Measure::Blocking, _) => s.blocking_since,
+            (Measure::ReplayLag, _) => s.replay_held_since,
             _ => return None,
         };
         (since != 0).then_some(since)
@@ -205,8 +218,13 @@ impl Rule {
         })
     }
 
-    /// The rule a setting stands for: every session, terminate, below every row.
+    /// The rule a setting stands for: every session, below every row. Settings terminate, except
+    /// `session_kill.replay_lag_timeout`, which cancels first (see `Limits::replay_lag`).
     fn setting(name: &'static str, measure: Measure, timeout: Micros) -> Rule {
+        let (action, grace) = match measure {
+            Measure::ReplayLag => (Action::CancelThenTerminate, REPLAY_LAG_SETTING_GRACE),
+            _ => (Action::Terminate, 0),
+        };
         let any = LikePattern::parse("%").expect("% is a valid pattern");
         Rule {
             origin: Origin::Setting(name),
@@ -216,8 +234,8 @@ impl Rule {
             client: None,
             measure,
             timeout,
-            action: Action::Terminate,
-            grace: 0,
+            action,
+            grace,
             priority: i64::MIN,
             comment: String::new(),
         }
@@ -239,7 +257,14 @@ pub struct Limits {
     pub idle_in_transaction: Micros,
     pub transaction: Micros,
     pub blocking: Micros,
+    /// `session_kill.replay_lag_timeout`: unlike the other settings it cancels the statement
+    /// first (as PostgreSQL's own `max_standby_streaming_delay` does) and terminates the session
+    /// only if it still holds replay back `REPLAY_LAG_SETTING_GRACE` later.
+    pub replay_lag: Micros,
 }
+
+/// The grace of `session_kill.replay_lag_timeout`: the rules table's default grace.
+pub const REPLAY_LAG_SETTING_GRACE: Micros = 5_000_000;
 
 /// Which rule governs a session, and when the session runs into it.
 #[derive(Debug, Clone, Copy)]
@@ -266,6 +291,7 @@ impl RuleSet {
                 ),
                 ("session_kill.transaction_timeout", Measure::Transaction, settings.transaction),
                 ("session_kill.blocker_timeout", Measure::Blocking, settings.blocking),
+                ("session_kill.replay_lag_timeout", Measure::ReplayLag, settings.replay_lag),
             ]
             .into_iter()
             .filter(|(_, _, timeout)| *timeout > 0)
@@ -310,10 +336,15 @@ impl RuleSet {
 
     /// When to scan next: at the earliest known deadline, and no later than the shortest timeout
     /// from now (a session that enters a state after this scan cannot expire sooner). Blocking
-    /// limits are left to `lock_watch`. `None` when there is no rule: sleep until something
-    /// changes.
+    /// and replay-lag limits are left to `lock_watch` and `replay_watch`. `None` when there is no
+    /// rule: sleep until something changes.
     pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
-        let shortest = self.rules.iter().filter(|r| r.measure != Measure::Blocking).map(|r| r.timeout).min();
+        let shortest = self
+            .rules
+            .iter()
+            .filter(|r| !matches!(r.measure, Measure::Blocking | Measure::ReplayLag))
+            .map(|r| r.timeout)
+            .min();
         [earliest_deadline, shortest.map(|t| now.saturating_add(t))].into_iter().flatten().min()
     }
 
@@ -322,7 +353,23 @@ impl RuleSet {
     pub fn lock_watch(&self) -> Option<Micros> {
         self.rules.iter().filter(|r| r.measure == Measure::Blocking).map(|r| r.timeout).min()
     }
+
+    /// How often to look at the startup process while some limit measures replay lag (and the
+    /// server is a standby): a tenth of the shortest such limit, between 5 ms and 100 ms. A
+    /// replay-lag limit counts from the look that first sees replay held back, so this bounds
+    /// how much of a conflict the worker can miss.
+    pub fn replay_watch(&self) -> Option<Micros> {
+        self.rules
+            .iter()
+            .filter(|r| r.measure == Measure::ReplayLag)
+            .map(|r| (r.timeout / 10).clamp(REPLAY_WATCH_MIN, REPLAY_WATCH_MAX))
+            .min()
+    }
 }
+
+/// Bounds of `RuleSet::replay_watch`.
+const REPLAY_WATCH_MIN: Micros = 5_000;
+const REPLAY_WATCH_MAX: Micros = 100_000;
 
 /// How many rules shared memory holds; the loader keeps the highest-priority ones.
 pub const MAX_RULES: usize = 256;
@@ -442,7 +489,13 @@ mod tests {
 
     #[test]
     fn settings_alone_follow_the_state_and_the_earliest_limit_wins() {
-        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 };
+        let limits = Limits {
+            idle: 60 * SEC,
+            idle_in_transaction: 10 * SEC,
+            transaction: 0,
+            blocking: 0,
+            replay_lag: 0,
+        };
         let set = RuleSet::new(vec![], limits);
         let idle = client(1, State::Idle, 5);
         assert_eq!(governing(&set, &idle), Some(("session_kill.idle_timeout".into(), NOW + 55 * SEC)));
@@ -597,7 +650,13 @@ mod tests {
     fn next_scan_is_the_earliest_deadline_or_the_shortest_timeout() {
         let set = rules(
             vec![row(1, "active", 7)],
-            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 },
+            Limits {
+                idle: 60 * SEC,
+                idle_in_transaction: 10 * SEC,
+                transaction: 0,
+                blocking: 0,
+                replay_lag: 0,
+            },
         );
         assert_eq!(set.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
         assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));
@@ -609,7 +668,7 @@ mod tests {
     fn blocking_limits_set_the_lock_watch_not_the_scans() {
         let set = rules(
             vec![row(1, "blocking", 2), row(2, "idle", 30)],
-            Limits { idle: 0, idle_in_transaction: 0, transaction: 0, blocking: SEC },
+            Limits { idle: 0, idle_in_transaction: 0, transaction: 0, blocking: SEC, replay_lag: 0 },
         );
         assert_eq!(set.lock_watch(), Some(SEC));
         assert_eq!(set.next_scan(NOW, None), Some(NOW + 30 * SEC));
@@ -617,6 +676,33 @@ mod tests {
         assert_eq!(only_blocking.next_scan(NOW, None), None);
         assert_eq!(only_blocking.next_scan(NOW, Some(NOW + SEC)), Some(NOW + SEC));
         assert_eq!(rules(vec![row(1, "idle", 5)], Limits::default()).lock_watch(), None);
+    }
+
+    #[test]
+    fn replay_lag_counts_from_the_hold_and_its_setting_cancels_first() {
+        let set = RuleSet::new(vec![], Limits { replay_lag: 30 * SEC, idle: 60 * SEC, ..Limits::default() });
+        let holder = Session { replay_held_since: NOW - 20 * SEC, ..client(1, State::Active, 0) };
+        let v = set.verdict(&holder, "shop").unwrap();
+        assert_eq!(v.rule.origin.label(), "session_kill.replay_lag_timeout");
+        assert_eq!(
+            (v.deadline, v.rule.action, v.rule.grace),
+            (NOW + 10 * SEC, Action::CancelThenTerminate, 5 * SEC)
+        );
+        assert_eq!(governing(&set, &client(2, State::Active, 0)), None, "holds nothing back");
+        assert_eq!(set.next_scan(NOW, None), Some(NOW + 60 * SEC), "replay lag is left to the watch");
+        assert_eq!(set.replay_watch(), Some(100_000), "at most 100 ms");
+        let exempt = RuleRow { role: "app".into(), priority: 10, ..row(3, "replay_lag", 3600) };
+        let rows = rules(vec![exempt, row(4, "replay_lag", 2)], Limits::default());
+        assert_eq!(
+            governing(&rows, &holder),
+            Some(("rule 3".into(), NOW + 3580 * SEC)),
+            "exempted by priority"
+        );
+        assert_eq!(rows.replay_watch(), Some(100_000));
+        let short = rules(vec![RuleRow { timeout: 20_000, ..row(5, "replay_lag", 1) }], Limits::default());
+        assert_eq!(short.replay_watch(), Some(5_000), "at least 5 ms");
+        assert_eq!(Measure::ReplayLag.told("2.0 s"), "holding back replay on this standby for 2.0 s");
+        assert_eq!(rules(vec![row(1, "idle", 5)], Limits::default()).replay_watch(), None);
     }
 
     #[test]

@@ -16,9 +16,11 @@ use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
+use crate::replay::{self, Conflict};
 use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::{self, Signal};
+use crate::standby;
 use crate::sync;
 use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -62,7 +64,11 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
             // session_kill.database may name another database now.
             sync::request_rules();
         }
-        let next = if !sighup && worker.only_watching_locks() && !backends::any_lock_wait() {
+        let next = if !sighup
+            && worker.only_watching_locks()
+            && !backends::any_lock_wait()
+            && !worker.replay_held_back()
+        {
             let next = worker.next_look();
             shmem::worker_planned(next);
             next
@@ -156,6 +162,13 @@ struct Worker {
     full_scan_at: Option<Micros>,
     lock_watch: Option<Micros>,
     wake_requests_seen: u64,
+    /// On a hot standby with a replay-lag limit: how often to look at the startup process, the
+    /// startup process's PID, the hold on replay it shows (see `replay.rs`), and since when each
+    /// session responsible for that hold was charged at the last scan, with the hold's start.
+    replay_watch: Option<Micros>,
+    startup_pid: Option<i32>,
+    replay: replay::Tracker,
+    replay_charged: (Micros, HashMap<i32, Micros>),
 }
 
 impl Default for Worker {
@@ -175,6 +188,10 @@ impl Default for Worker {
             full_scan_at: None,
             lock_watch: None,
             wake_requests_seen: 0,
+            replay_watch: None,
+            startup_pid: None,
+            replay: replay::Tracker::default(),
+            replay_charged: (0, HashMap::new()),
         }
     }
 }
@@ -197,6 +214,7 @@ impl Worker {
         if step != 0 {
             self.cancelled.values_mut().for_each(|grace_end| *grace_end += step);
             self.logins.changed_at += step;
+            self.replay.shift(step);
         }
         self.wall_at = (now, instant);
         now
@@ -242,6 +260,82 @@ impl Worker {
             .collect()
     }
 
+    /// Looks at the startup process (on a hot standby, while a replay-lag limit is set) and
+    /// returns the hold on replay it shows, if any. Cheap: one PGPROC and the replay position.
+    fn look_at_replay(&mut self, now: Micros) -> Option<replay::Hold> {
+        if self.replay_watch.is_none() || !backends::in_recovery() {
+            self.replay = replay::Tracker::default();
+            return None;
+        }
+        let pid = match self.startup_pid {
+            Some(pid) => pid,
+            None => {
+                self.startup_pid = backends::startup_pid();
+                self.startup_pid?
+            }
+        };
+        let Some(look) = standby::look_at_startup(pid, now) else {
+            self.startup_pid = None;
+            return None;
+        };
+        self.replay.observe(look).cloned()
+    }
+
+    /// For the look between scans: replay is held back now (or the startup process is not known
+    /// yet), so a full scan is due.
+    fn replay_held_back(&mut self) -> bool {
+        if self.replay_watch.is_none() {
+            return false;
+        }
+        if self.startup_pid.is_none() {
+            return backends::in_recovery();
+        }
+        let now = self.now();
+        self.look_at_replay(now).is_some()
+    }
+
+    /// Since when each session holds back replay (see `replay.rs`): the holders of the lock the
+    /// startup process waits for, or the client sessions with the oldest snapshot.
+    fn replay_held_since(&mut self, sessions: &HashMap<i32, Session>, now: Micros) -> HashMap<i32, Micros> {
+        let Some(hold) = self.look_at_replay(now) else {
+            self.replay_charged = (0, HashMap::new());
+            return HashMap::new();
+        };
+        let blockers: Vec<i32> = match (hold.conflict, self.startup_pid) {
+            (Conflict::Lock, Some(startup)) => lock_graph::blockers(&backends::locks())
+                .into_iter()
+                .filter(|b| b.blocked.contains(&startup))
+                .map(|b| b.pid)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let next_xid = standby::next_xid();
+        let snapshots: Vec<(i32, u32)> = if blockers.is_empty() {
+            sessions
+                .values()
+                .filter(|s| s.kind == BackendKind::Client)
+                .filter_map(|s| standby::xmin(s.pid).map(|xmin| (s.pid, replay::xmin_age(next_xid, xmin))))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let responsible = replay::responsible(hold.conflict, &blockers, &snapshots);
+        let charged = self.replay.charge(now, &responsible);
+        self.replay_charged = (hold.since, charged.clone());
+        charged
+    }
+
+    /// The re-check before acting: since when `pid` holds back replay, if the hold the last scan
+    /// charged it with still goes on.
+    fn replay_recheck(&mut self, pid: i32) -> Micros {
+        let Some(since) = self.replay_charged.1.get(&pid).copied() else { return 0 };
+        let now = self.now();
+        match self.look_at_replay(now) {
+            Some(hold) if hold.since == self.replay_charged.0 => since,
+            _ => 0,
+        }
+    }
+
     /// Whether this wake-up comes only from the timer that looks for lock waits: nobody asked
     /// for a scan since the last one, and no scan is due yet for anything else. A blocking limit
     /// then needs a full scan only once some process waits for a lock; until then a scan every
@@ -269,15 +363,18 @@ impl Worker {
     /// rules and the audit trail when one is due, and returns when to scan next.
     fn scan_sessions(&mut self) -> Option<Micros> {
         let rules = self.rules();
-        self.lock_watch = rules.lock_watch();
+        self.replay_watch = rules.replay_watch().filter(|_| backends::in_recovery());
+        self.lock_watch = earliest(rules.lock_watch(), self.replay_watch);
         let read = backends::sessions();
         let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
+        let replay = self.replay_held_since(&read, now);
         let sessions: HashMap<i32, Session> = read
             .into_iter()
             .map(|(pid, s)| {
                 let s = Session { blocking_since: blocking.get(&pid).copied().unwrap_or(0), ..s };
-                (pid, self.clock.corrected(&s))
+                let s = self.clock.corrected(&s);
+                (pid, Session { replay_held_since: replay.get(&pid).copied().unwrap_or(0), ..s })
             })
             .collect();
         self.databases.clear();
@@ -378,6 +475,7 @@ impl Worker {
         fresh.session.blocking_since =
             self.blocking_since(rules, false).get(&chosen.pid).copied().unwrap_or(0);
         fresh.session = self.clock.corrected(&fresh.session);
+        fresh.session.replay_held_since = self.replay_recheck(chosen.pid);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
         let rule = verdict.rule.origin.label();
