@@ -96,6 +96,7 @@ impl Tracker {
         self.hold.as_ref()
     }
 
+    #[cfg(test)]
     pub fn hold(&self) -> Option<&Hold> {
         self.hold.as_ref()
     }

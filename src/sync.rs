@@ -321,9 +321,19 @@ fn as_extension_owner<R>(
     body: impl FnOnce(&Installed) -> Result<R, pgrx::spi::Error>,
 ) -> Result<R, SyncError> {
     let result = in_transaction(|| -> Result<R, SyncError> {
-        Spi::run(
-            "SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '20s'",
-        )?;
+        // set_config in a read-only SELECT, not SET LOCAL: pgrx runs utility statements as
+        // writes, which take a transaction ID, and a hot standby refuses to assign one (the rules
+        // of a standby come from the primary's table, read here).
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT set_config('search_path', 'pg_catalog, pg_temp', true),
+                            set_config('lock_timeout', '5s', true), set_config('statement_timeout', '20s', true)",
+                    None,
+                    &[],
+                )
+                .map(|_| ())
+        })?;
         let installed = installed()?.ok_or(SyncError::NotInstalled)?;
         let (mut user, mut context) = (pg_sys::InvalidOid, 0);
         // SAFETY: switching the current user inside a transaction, as VACUUM and REFRESH
