@@ -5,6 +5,7 @@
 #   blockers   bench_blockers
 #   login      bench_login (pgbench -C with and without the library; the worker's scan per session)
 #   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
+#   standby    bench_standby (replay-lag limit on a real streaming standby; SESSION_KILL_BENCH_ROUNDS)
 # Usage: scripts/bench.sh [--only GROUP] [15|16|18 ...]   (default: every group, all three majors)
 # Each section states the command, commit, date and machine that produced it. With --only, the
 # other groups' sections are kept as they were (with their own command and commit).
@@ -14,13 +15,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="scripts/bench.sh $*"
-for var in SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG16_CONFIG SESSION_KILL_PG15_CONFIG; do
+for var in SESSION_KILL_BENCH_ROUNDS SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG16_CONFIG SESSION_KILL_PG15_CONFIG; do
   [[ -z ${!var:-} ]] || command="$var=${!var} $command"
 done
 source scripts/common.sh
-all_groups=(core blockers login pgbouncer)
+all_groups=(core blockers login pgbouncer standby)
 declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers" [login]="bench_login"
-  [pgbouncer]="bench_pgbouncer")
+  [pgbouncer]="bench_pgbouncer" [standby]="bench_standby")
 groups=("${all_groups[@]}")
 if [[ ${1:-} == --only ]]; then
   [[ -n ${2:-} && -n ${benches[$2]:-} ]] || { echo "error: --only needs one of: ${all_groups[*]}" >&2; exit 2; }
@@ -71,6 +72,13 @@ header_pgbouncer() {
   echo
   echo "Command: \`$command\` (pg_test/src/bin/bench_pgbouncer.rs, release build; it starts its own server and"
   echo "PgBouncer processes)."
+  echo
+}
+
+header_standby() {
+  echo "## Standby replay-lag limit ($stamp)"
+  echo
+  echo "Command: \`$command\` (pg_test/src/bin/bench_standby.rs; release build of the extension)."
   echo
 }
 
