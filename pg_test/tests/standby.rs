@@ -93,19 +93,21 @@ fn standby_query(
     (pid, handle)
 }
 
-/// Waits until replay is held back by a conflict the startup process waits in (`wait_event`),
-/// and returns the lag seen then.
+/// Waits until replay is held back: the startup process waits in `wait_event`.
 fn wait_for_conflict(standby: &Server, wait_event: &str) {
-    wait_for_described(Duration::from_secs(20), &format!("the startup process waits in {wait_event}"), || {
-        startup_wait(standby) == wait_event
-    });
+    wait_for_described(
+        Duration::from_secs(20),
+        &format!("the startup process waits in {wait_event}"),
+        || startup_wait(standby) == wait_event,
+    );
 }
 
 #[track_caller]
 fn assert_told_replay(detail: Option<String>, origin: &str) {
     let detail = detail.expect("a DETAIL");
     assert!(
-        detail.starts_with("session_kill: holding back replay on this standby for ") && detail.contains(origin),
+        detail.starts_with("session_kill: holding back replay on this standby for ")
+            && detail.contains(origin),
         "{detail}"
     );
 }
@@ -114,21 +116,15 @@ fn assert_told_replay(detail: Option<String>, origin: &str) {
 fn a_snapshot_conflict_cancels_the_oldest_snapshot_and_replay_catches_up() {
     let (primary, standby) = pair(&["session_kill.replay_lag_timeout = '2s'"]);
     // Holds a REPEATABLE READ snapshot that still sees t's rows.
-    let (holder, query) = standby_query(
-        &standby,
-        APP,
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t",
-    );
+    let (holder, query) =
+        standby_query(&standby, APP, "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t");
     let mut idle = Session::idle(standby.connect("postgres", OTHER));
     let mut admin = primary.admin();
     admin.batch_execute("DELETE FROM t").unwrap();
     wait_caught_up(&primary, &standby);
     // A snapshot taken after the delete: younger, and in no conflict with the VACUUM.
-    let (bystander, bystander_query) = standby_query(
-        &standby,
-        OTHER,
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t3",
-    );
+    let (bystander, bystander_query) =
+        standby_query(&standby, OTHER, "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t3");
     admin.batch_execute("VACUUM t").unwrap();
     let vacuumed = Instant::now();
     wait_for_conflict(&standby, "RecoveryConflictSnapshot");

@@ -98,7 +98,8 @@ fn round(primary: &Server, standby: &Server, conflict: Conflict, i: usize) -> Op
         Conflict::Snapshot => format!("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM {table}"),
     };
     client.batch_execute(&setup).unwrap();
-    let query = thread::spawn(move || client.batch_execute("SELECT pg_sleep(60)").map_err(|e| error_code(&e)));
+    let query =
+        thread::spawn(move || client.batch_execute("SELECT pg_sleep(60)").map_err(|e| error_code(&e)));
     wait_for(Duration::from_secs(10), || {
         standby
             .probe_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", &[&pid])
