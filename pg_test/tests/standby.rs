@@ -287,3 +287,44 @@ fn protected_roles_and_superusers_are_never_ended_for_replay_lag() {
     standby.stop();
     primary.stop();
 }
+
+#[test]
+fn a_query_that_ignores_the_cancel_is_terminated_after_grace() {
+    let (primary, standby) = pair(&[]);
+    let id: i64 = primary
+        .admin()
+        .query_one(
+            "INSERT INTO session_kill.rules (role, state, timeout, action, grace)
+             VALUES ('app', 'replay_lag', '1s', 'cancel_then_terminate', '1s') RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    wait_caught_up(&primary, &standby);
+    standby.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for_described(Duration::from_secs(20), "the standby's worker has the rule", || {
+        standby.probe_one("SELECT rules FROM session_kill.worker", &[]).get::<_, i32>(0) == 1
+    });
+    // The lock on t2 belongs to the transaction; the block swallows every cancel and sleeps on.
+    let mut client = standby.connect("postgres", APP);
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    client.batch_execute("BEGIN; SELECT count(*) FROM t2").unwrap();
+    let query = thread::spawn(move || {
+        client
+            .batch_execute(
+                "DO $$ BEGIN LOOP BEGIN PERFORM pg_sleep(60); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; END $$",
+            )
+            .map_err(|e| (error_code(&e), e.as_db_error().and_then(|d| d.detail().map(str::to_owned))))
+    });
+    primary.admin().batch_execute("DROP TABLE t2").unwrap();
+    wait_for_conflict(&standby, "relation");
+    let (code, detail) = query.join().unwrap().unwrap_err();
+    assert_eq!(code, ADMIN_SHUTDOWN, "terminated once the grace was over");
+    assert_told_replay(detail, &format!("over rule {id}"));
+    let log = standby.server_log();
+    assert!(log.contains(&format!("session_kill: sent cancel to pid {pid} ")), "cancelled first");
+    assert!(log.contains(&format!("session_kill: sent terminate to pid {pid} ")));
+    wait_caught_up(&primary, &standby);
+    standby.stop();
+    primary.stop();
+}
