@@ -1,6 +1,7 @@
 //! The background worker: enforces the rules of `session_kill.rules` and the limits
 //! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout` and
-//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session.
+//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session,
+//! and on a hot standby the replay-lag limits (`replay.rs`: it looks at the startup process).
 //! Instead of polling it sleeps on its latch until the earliest deadline (or until the shortest
 //! timeout has passed, since nothing that enters a state later can expire sooner). With
 //! `session_kill.max_connection_usage` set it also ends the longest-idle sessions when client
