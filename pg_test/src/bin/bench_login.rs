@@ -14,7 +14,6 @@
 
 use session_kill_pg_test::stats::{cpu_share, load_average, median, open_idle, server_version, settle};
 use session_kill_pg_test::{wait_for_described, Server, APP};
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -142,7 +141,7 @@ fn prepare(server: &Server) {
     for i in 0..GATES {
         admin.batch_execute(&format!("CREATE DATABASE closed_{i:02}")).unwrap();
     }
-    let out = pgbench_command(server).args(["-i", "-q", "-s", "1", "bench"]).output().unwrap();
+    let out = server.client_program("pgbench").args(["-i", "-q", "-s", "1", "bench"]).output().unwrap();
     assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -169,7 +168,8 @@ fn enter(server: &Server, setup: SetUp) {
 /// Connections per second of one pgbench run.
 fn pgbench(server: &Server, secs: u32) -> f64 {
     let clients = CLIENTS.to_string();
-    let out = pgbench_command(server)
+    let out = server
+        .client_program("pgbench")
         .args(["-n", "-C", "-S", "-c", &clients, "-j", &clients, "-T", &secs.to_string(), "bench"])
         .output()
         .unwrap();
@@ -180,16 +180,6 @@ fn pgbench(server: &Server, secs: u32) -> f64 {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|tps| tps.parse().ok())
         .unwrap_or_else(|| panic!("no tps in pgbench's output: {text}"))
-}
-
-/// The server's own pgbench, or Debian's where the installation has none (pgbench is a client:
-/// any version talks to any of these servers).
-fn pgbench_command(server: &Server) -> Command {
-    let own = server.bindir.join("pgbench");
-    let program = if own.exists() { own } else { "/usr/lib/postgresql/15/bin/pgbench".into() };
-    let mut cmd = Command::new(program);
-    cmd.env("PGHOST", &server.datadir).env("PGPORT", server.port.to_string()).env("PGUSER", "postgres");
-    cmd
 }
 
 struct ScanCost {
