@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// Measured rounds per set-up (`SESSION_KILL_BENCH_ROUNDS` overrides it for a quick trial).
 fn rounds() -> usize {
-    std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6)
+    std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
 }
 const RUN_SECS: u32 = 10;
 const WARM_UP_SECS: u32 = 2;
@@ -147,10 +147,13 @@ fn prepare(server: &Server) {
 
 /// Restarts the server into `setup`.
 fn enter(server: &Server, setup: SetUp) {
-    let libraries = if setup == SetUp::NotLoaded { "" } else { "session_kill" };
     server
         .admin()
-        .batch_execute(&format!("ALTER SYSTEM SET shared_preload_libraries = '{libraries}'"))
+        .batch_execute(if setup == SetUp::NotLoaded {
+            "ALTER SYSTEM RESET shared_preload_libraries"
+        } else {
+            "ALTER SYSTEM SET shared_preload_libraries = 'session_kill'"
+        })
         .unwrap();
     server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
     if setup == SetUp::GatesClosed {
