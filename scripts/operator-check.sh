@@ -141,7 +141,7 @@ for run in first second; do
   check "a cluster of the earlier version, $run start: our settings are in force" \
     [ "$(old_psql -c 'SHOW port' -c 'SHOW shared_preload_libraries' -c 'SELECT count(*) FROM pg_stat_activity WHERE backend_type = $$session_kill worker$$' | paste -sd' ')" = "$old_port session_kill 1" ]
   check "a cluster of the earlier version, $run start: postgresql.auto.conf holds only the user's two settings" \
-    [ "$(grep -Ev '^(#|$)' "$old/postgresql.auto.conf" | paste -sd' ')" = "max_connections = '300' session_kill.idle_timeout = '7min'" ]
+    [ "$(grep -Ev '^(#|$)' "$old/postgresql.auto.conf" | sort | paste -sd' ')" = "max_connections = '300' session_kill.idle_timeout = '7min'" ]
   check "a cluster of the earlier version, $run start: postgresql.conf includes session_kill.conf once" \
     [ "$(grep -cxF "$CLUSTER_INCLUDE" "$old/postgresql.conf")" = 1 ]
 done

@@ -628,7 +628,7 @@ impl Scenario {
                 self.holders.clear();
                 empty(s, "shop");
             }
-            "rules" => sql(s, "postgres", "DELETE FROM session_kill.rules"),
+            "rules" | "pgbouncer-rule" => sql(s, "postgres", "DELETE FROM session_kill.rules"),
             "stats" => {
                 sql(s, "postgres", "DELETE FROM session_kill.rules");
                 self.holders.clear();
