@@ -1,5 +1,7 @@
 # Shared settings for the set-up, demo and test scripts (sourced, not run).
 PGRX_VERSION=0.18.0
+# The Rust toolchain install-deps.sh installs when there is none (pgrx 0.19 would need 1.96).
+RUST_VERSION=1.95.0
 EMBEDDED_PG_VERSION=18.6.3
 PGSERVER_VERSION=0.1.4
 # The demo installs into Debian's PostgreSQL 15, where a DBA would.

