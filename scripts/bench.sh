@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): writes figures, with the command that produced them, into
 # benchmarks/results.md, one section per group of benchmark programs (pg_test/src/bin):
-#   core      bench_kill, bench_drain, bench_worker
-#   blockers  bench_blockers
+#   core       bench_kill, bench_drain, bench_worker
+#   blockers   bench_blockers
+#   login      bench_login (pgbench -C with and without the library; the worker's scan per session)
+#   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
 # Usage: scripts/bench.sh [--only GROUP] [15|16|18 ...]   (default: every group, all three majors)
 # Each section states the command, commit, date and machine that produced it. With --only, the
 # other groups' sections are kept as they were (with their own command and commit).
@@ -16,8 +18,9 @@ for var in SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG16_CON
   [[ -z ${!var:-} ]] || command="$var=${!var} $command"
 done
 source scripts/common.sh
-all_groups=(core blockers)
-declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers")
+all_groups=(core blockers login pgbouncer)
+declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers" [login]="bench_login"
+  [pgbouncer]="bench_pgbouncer")
 groups=("${all_groups[@]}")
 if [[ ${1:-} == --only ]]; then
   [[ -n ${2:-} && -n ${benches[$2]:-} ]] || { echo "error: --only needs one of: ${all_groups[*]}" >&2; exit 2; }
@@ -56,6 +59,21 @@ header_blockers() {
   echo
 }
 
+header_login() {
+  echo "## The cost on every login ($stamp)"
+  echo
+  echo "Command: \`$command\` (pg_test/src/bin/bench_login.rs; release build of the extension)."
+  echo
+}
+
+header_pgbouncer() {
+  echo "## Behind PgBouncer ($stamp)"
+  echo
+  echo "Command: \`$command\` (pg_test/src/bin/bench_pgbouncer.rs, release build; it starts its own server and"
+  echo "PgBouncer processes)."
+  echo
+}
+
 for g in "${groups[@]}"; do
   { echo "<!-- bench:$g -->"; "header_$g"; } >"$out.$g.new"
 done
@@ -66,7 +84,8 @@ for v in "${majors[@]}"; do
   install_extension "$pg_config" --no-default-features --features "pg$v"
   for g in "${groups[@]}"; do
     for bench in ${benches[$g]}; do
-      SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) "pg_test/target/release/$bench" | tee -a "$out.$g.new"
+      SESSION_KILL_PG_BINDIR=$("$pg_config" --bindir) SESSION_KILL_TEST_ROOT=$root "pg_test/target/release/$bench" |
+        tee -a "$out.$g.new"
     done
     echo >>"$out.$g.new"
   done

@@ -347,6 +347,20 @@ pub fn locks() -> Vec<LockEntry> {
         .collect()
 }
 
+/// Whether some process waits for a heavyweight lock right now: one look at each PGPROC's
+/// `waitLock`, without the lock manager's locks. A wait that begins during the look may be
+/// missed; the worker looks again before such a wait could have lasted any blocking limit.
+pub fn any_lock_wait() -> bool {
+    // SAFETY: ProcGlobal->allProcs is an array of allProcCount PGPROCs in shared memory for the
+    // life of the server; waitLock is a pointer that its owner writes whole, read here only for
+    // being NULL or not.
+    unsafe {
+        let global = &*pg_sys::ProcGlobal;
+        (0..global.allProcCount as usize)
+            .any(|i| !std::ptr::read_volatile(&raw const (*global.allProcs.add(i)).waitLock).is_null())
+    }
+}
+
 /// For each session where a chain of lock waits begins (it holds up others and waits for no lock
 /// itself), when the longest wait it causes began.
 pub fn lock_chain_starts() -> HashMap<i32, Micros> {

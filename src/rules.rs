@@ -309,11 +309,18 @@ impl RuleSet {
     }
 
     /// When to scan next: at the earliest known deadline, and no later than the shortest timeout
-    /// from now (a session that enters a state after this scan cannot expire sooner). `None`
-    /// when there is no rule: sleep until something changes.
+    /// from now (a session that enters a state after this scan cannot expire sooner). Blocking
+    /// limits are left to `lock_watch`. `None` when there is no rule: sleep until something
+    /// changes.
     pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
-        let shortest = self.rules.iter().map(|r| r.timeout).min();
+        let shortest = self.rules.iter().filter(|r| r.measure != Measure::Blocking).map(|r| r.timeout).min();
         [earliest_deadline, shortest.map(|t| now.saturating_add(t))].into_iter().flatten().min()
+    }
+
+    /// How often to look for lock waits while some limit measures blocking: a wait that begins
+    /// just after a look cannot outlast the shortest such limit before the next one.
+    pub fn lock_watch(&self) -> Option<Micros> {
+        self.rules.iter().filter(|r| r.measure == Measure::Blocking).map(|r| r.timeout).min()
     }
 }
 
@@ -596,6 +603,20 @@ mod tests {
         assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));
         assert_eq!(set.next_scan(NOW, None), Some(NOW + 7 * SEC));
         assert_eq!(RuleSet::new(vec![], Limits::default()).next_scan(NOW, None), None);
+    }
+
+    #[test]
+    fn blocking_limits_set_the_lock_watch_not_the_scans() {
+        let set = rules(
+            vec![row(1, "blocking", 2), row(2, "idle", 30)],
+            Limits { idle: 0, idle_in_transaction: 0, transaction: 0, blocking: SEC },
+        );
+        assert_eq!(set.lock_watch(), Some(SEC));
+        assert_eq!(set.next_scan(NOW, None), Some(NOW + 30 * SEC));
+        let only_blocking = rules(vec![row(1, "blocking", 5)], Limits::default());
+        assert_eq!(only_blocking.next_scan(NOW, None), None);
+        assert_eq!(only_blocking.next_scan(NOW, Some(NOW + SEC)), Some(NOW + SEC));
+        assert_eq!(rules(vec![row(1, "idle", 5)], Limits::default()).lock_watch(), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::signal::Signal;
 use crate::sync::SyncState;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 // SAFETY: both tables are plain Copy data without pointers.
 unsafe impl PGRXSharedMemory for GateTable {}
@@ -57,6 +57,8 @@ static REASONS: PgLwLock<ReasonTable> = unsafe { PgLwLock::new(c"session_kill_re
 static MAKE_WAY: PgLwLock<MakeWayTable> = unsafe { PgLwLock::new(c"session_kill_make_way") };
 // SAFETY: as above.
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"session_kill_worker_pid") };
+// SAFETY: as above.
+static WAKE_REQUESTS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"session_kill_wake_requests") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// From `_PG_init` while `shared_preload_libraries` is being processed.
@@ -69,6 +71,7 @@ pub fn init() {
     pg_shmem_init!(REASONS = ReasonTable::default());
     pg_shmem_init!(MAKE_WAY = MakeWayTable::default());
     pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(WAKE_REQUESTS);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -124,6 +127,21 @@ pub fn worker_scanned(at: Micros, next: Option<Micros>) {
     let mut counters = COUNTERS.exclusive();
     let scans = counters.worker.scans + 1;
     counters.worker = WorkerStatus { last_scan: at, next_scan: next.unwrap_or(0), scans };
+}
+
+/// The worker reports when it wakes next after a look that found nothing to scan for.
+pub fn worker_planned(next: Option<Micros>) {
+    COUNTERS.exclusive().worker.next_scan = next.unwrap_or(0);
+}
+
+/// Counted by every backend that wakes the worker, so the worker can tell a wake-up that asks
+/// for a scan from one that its own timer set.
+pub fn count_wake_request() {
+    WAKE_REQUESTS.get().fetch_add(1, Ordering::AcqRel);
+}
+
+pub fn wake_requests() -> u64 {
+    WAKE_REQUESTS.get().load(Ordering::Acquire)
 }
 
 pub fn counts() -> (Vec<crate::counters::Count>, WorkerStatus) {

@@ -154,6 +154,7 @@ pub fn wake_worker() {
     if pid == 0 {
         return;
     }
+    crate::shmem::count_wake_request();
     // SAFETY: BackendPidGetProc returns a live PGPROC or NULL; setting its latch is what
     // PostgreSQL itself does to wake another process.
     unsafe {

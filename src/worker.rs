@@ -55,26 +55,37 @@ pub extern "C-unwind" fn session_kill_worker_main(_arg: pg_sys::Datum) {
     let mut worker = Worker::default();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        if BackgroundWorker::sighup_received() {
+        let sighup = BackgroundWorker::sighup_received();
+        if sighup {
             // SAFETY: what every worker does on SIGHUP, outside a transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             // session_kill.database may name another database now.
             sync::request_rules();
         }
-        let next = match scan_or_error(&mut worker) {
-            Ok(next) => {
-                backoff = FIRST_BACKOFF;
-                next
-            }
-            Err(message) => {
-                warning!("session_kill worker: scan failed, retrying in {} s: {message}", backoff.as_secs());
-                let retry = worker.now() + backoff.as_micros() as Micros;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                Some(retry)
-            }
+        let next = if !sighup && worker.only_watching_locks() && !backends::any_lock_wait() {
+            let next = worker.next_look();
+            shmem::worker_planned(next);
+            next
+        } else {
+            let next = match scan_or_error(&mut worker) {
+                Ok(next) => {
+                    backoff = FIRST_BACKOFF;
+                    next
+                }
+                Err(message) => {
+                    warning!(
+                        "session_kill worker: scan failed, retrying in {} s: {message}",
+                        backoff.as_secs()
+                    );
+                    let retry = worker.now() + backoff.as_micros() as Micros;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    worker.full_scan_at = Some(retry);
+                    Some(retry)
+                }
+            };
+            shmem::worker_scanned(backends::now(), next);
+            next
         };
-        // SAFETY: MyProcPid is set for the life of the process.
-        shmem::worker_scanned(backends::now(), next);
         if !BackgroundWorker::wait_latch(next.map(|at| worker.until(at))) {
             break;
         }
@@ -139,6 +150,12 @@ struct Worker {
     /// were first seen holding others up without waiting themselves.
     waiting_at_last_scan: HashSet<i32>,
     free_since: HashMap<i32, Micros>,
+    /// When the last scan wants the next one, whatever the lock waits; the shortest blocking
+    /// limit, how often to look for lock waits in between; and the wake requests counted when
+    /// the last scan began (a new one asks for a scan).
+    full_scan_at: Option<Micros>,
+    lock_watch: Option<Micros>,
+    wake_requests_seen: u64,
 }
 
 impl Default for Worker {
@@ -155,6 +172,9 @@ impl Default for Worker {
             parsed_rules: None,
             waiting_at_last_scan: HashSet::new(),
             free_since: HashMap::new(),
+            full_scan_at: None,
+            lock_watch: None,
+            wake_requests_seen: 0,
         }
     }
 }
@@ -222,10 +242,34 @@ impl Worker {
             .collect()
     }
 
+    /// Whether this wake-up comes only from the timer that looks for lock waits: nobody asked
+    /// for a scan since the last one, and no scan is due yet for anything else. A blocking limit
+    /// then needs a full scan only once some process waits for a lock; until then a scan every
+    /// limit would copy every session's status for nothing.
+    fn only_watching_locks(&self) -> bool {
+        self.lock_watch.is_some()
+            && shmem::wake_requests() == self.wake_requests_seen
+            && self.full_scan_at.is_none_or(|at| self.now() < at)
+    }
+
+    /// After a look that found no lock wait: the next look, or the full scan if that is sooner.
+    fn next_look(&self) -> Option<Micros> {
+        earliest(self.full_scan_at, self.lock_watch.map(|every| self.now().saturating_add(every)))
+    }
+
+    /// A full scan (see `scan_sessions`), and when to wake next: for the next full scan or the
+    /// next look for lock waits, whichever is sooner.
+    fn scan(&mut self) -> Option<Micros> {
+        self.wake_requests_seen = shmem::wake_requests();
+        self.full_scan_at = self.scan_sessions();
+        self.next_look()
+    }
+
     /// Ends every session past its deadline, relieves connection pressure, starts a sync of the
     /// rules and the audit trail when one is due, and returns when to scan next.
-    fn scan(&mut self) -> Option<Micros> {
+    fn scan_sessions(&mut self) -> Option<Micros> {
         let rules = self.rules();
+        self.lock_watch = rules.lock_watch();
         let read = backends::sessions();
         let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
@@ -395,8 +439,12 @@ impl Worker {
             };
             let waiting_since =
                 locks.iter().filter(|e| e.pid == request.pid).find_map(|e| e.waiting).map(|(_, since)| since);
-            // Not waiting yet: no wait that starts later can be due sooner.
-            let due = waiting_since.map_or(now + request.after, |since| since + request.after);
+            // Not waiting yet: a look for lock waits every `after` finds its wait before it is due.
+            let Some(waiting_since) = waiting_since else {
+                self.lock_watch = earliest(self.lock_watch, Some(request.after));
+                continue;
+            };
+            let due = waiting_since + request.after;
             if due > now {
                 next = earliest(next, Some(due));
                 continue;
@@ -414,7 +462,7 @@ impl Worker {
                 let Some(fresh) = backends::live_backend(s.pid).filter(|f| f.session.same_backend(s)) else {
                     continue;
                 };
-                let waited = duration_text(now - waiting_since.unwrap_or(now));
+                let waited = duration_text(now - waiting_since);
                 let why = format!(
                     "holds up pid {}, which has waited {waited} for a lock and set session_kill.make_way_after",
                     waiter.pid

@@ -51,3 +51,53 @@ pub fn settle(server: &crate::Server) {
             .get(0)
     });
 }
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// What one process used of the CPU over a window.
+pub struct CpuUse {
+    /// Share of one core from utime + stime in /proc/<pid>/stat (clock ticks).
+    pub ticks: f64,
+    /// Share of one core from /proc/<pid>/schedstat (nanoseconds on CPU, not tick-sampled).
+    pub exact: f64,
+    /// Nanoseconds on CPU in the window.
+    pub nanos: u64,
+    /// Times the process was put on a CPU in the window (schedstat): its wake-ups, for a process
+    /// that sleeps between short bursts.
+    pub runs: u64,
+}
+
+/// What process `pid` used of the CPU while `during` ran.
+pub fn cpu_share(pid: i32, during: impl FnOnce()) -> CpuUse {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    // "time on CPU (ns)  time waiting to run (ns)  times run"
+    let schedstat = || -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+        let fields: Vec<u64> = stat.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        (fields[0], fields[2])
+    };
+    let (t0, (n0, r0), start) = (ticks(), schedstat(), std::time::Instant::now());
+    during();
+    let (t1, (n1, r1)) = (ticks(), schedstat());
+    let secs = start.elapsed().as_secs_f64();
+    CpuUse {
+        ticks: (t1 - t0) as f64 / clock_ticks_per_second() / secs * 100.0,
+        exact: (n1 - n0) as f64 / 1e9 / secs * 100.0,
+        nanos: n1 - n0,
+        runs: r1 - r0,
+    }
+}
+
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}

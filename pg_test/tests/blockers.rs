@@ -157,6 +157,39 @@ fn blocker_timeout_ends_the_session_that_holds_everyone_up() {
     s.stop();
 }
 
+/// A blocking limit alone does not make the worker copy every session's status once per limit:
+/// while nobody waits for a lock it only looks at each process's lock wait, and scans once
+/// someone waits. (The old worker scanned once a second here, 4 or 5 times in the window.)
+#[test]
+fn a_blocking_limit_costs_no_scan_until_someone_waits_for_a_lock() {
+    let s = Server::start(&["session_kill.blocker_timeout = '1s'"]);
+    let scans = || -> i64 { s.probe_one("SELECT scans FROM session_kill.worker", &[]).get(0) };
+    wait_for_described(Duration::from_secs(20), "the worker has loaded the rules table", || {
+        s.probe_one("SELECT rules_status IS NOT NULL FROM session_kill.worker", &[]).get(0)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut idle: Vec<Session> =
+        (0..5).map(|_| Session::idle_in_transaction(s.connect("postgres", APP))).collect();
+    let before = scans();
+    std::thread::sleep(Duration::from_millis(4500));
+    let quiet = scans() - before;
+    // One spare scan for a wake-up from elsewhere (a sync the worker started at boot).
+    assert!(quiet <= 1, "the worker scanned {quiet} times with nobody waiting for a lock");
+    idle.iter_mut().for_each(assert_alive);
+
+    s.admin().batch_execute("CREATE TABLE watched (id int); GRANT SELECT ON watched TO app").unwrap();
+    let mut reader = Session::idle_in_transaction(s.connect("postgres", APP));
+    reader.client.batch_execute("SELECT count(*) FROM watched").unwrap();
+    let alter =
+        ActiveSession::running(&s, s.connect("postgres", "postgres"), "ALTER TABLE watched ADD COLUMN n int");
+    s.wait_until_gone(reader.pid);
+    assert_eq!(alter.finish().0, Ok(()), "the ALTER got its lock");
+    assert!(scans() > before + quiet, "the lock wait made the worker scan");
+    idle.iter_mut().for_each(assert_alive);
+    let _ = reader.probe();
+    s.stop();
+}
+
 #[test]
 fn a_blocking_rule_ends_the_session_that_holds_everyone_up() {
     let s = Server::start(&[]);

@@ -8,7 +8,7 @@
 //! drain, undrain, `RESUME db`) and with `RECONNECT db` after the drain (new clients are told our
 //! message); and a rule by client address that leaves the pooler's idle server connections to
 //! the pooler. Figures (how fast, how many) are in benchmarks/results.md, from
-//! `benchmarks/pgbouncer.sh`.
+//! `scripts/bench.sh --only pgbouncer`.
 
 use session_kill_pg_test::bouncer::*;
 use session_kill_pg_test::*;

@@ -18,7 +18,9 @@
 //! real life), and a plain one for `make_way_after` and the retry loop. Rounds are interleaved,
 //! and before each round every server's audit writes from earlier rounds are settled.
 
-use session_kill_pg_test::stats::{server_version, settle};
+use session_kill_pg_test::stats::{
+    clock_ticks_per_second, cpu_share, load_average, server_version, settle, CpuUse,
+};
 use session_kill_pg_test::{error_code, Server, APP, APP_MEMBER};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -337,12 +339,9 @@ fn run_round(server: &Server, m: Method, round: usize) -> Round {
 
 struct Cpu {
     label: String,
-    /// Share of one core from utime + stime in /proc/<pid>/stat (clock ticks).
-    ticks: f64,
-    /// Share of one core from /proc/<pid>/schedstat (nanoseconds on CPU).
-    exact: f64,
+    used: CpuUse,
     /// Worker scans (or script polls) during the window.
-    wakeups: u64,
+    scans: u64,
 }
 
 /// The worker's CPU with SESSIONS idle sessions and nothing blocked, with `blocker_timeout` on;
@@ -362,11 +361,11 @@ fn measure_cpu(server: &Server) -> Vec<Cpu> {
     for (settings, label) in [
         (
             &["session_kill.blocker_timeout = '1s'"][..],
-            "session_kill worker, `blocker_timeout = '1s'` (scans every 1 s: backend status and the lock manager)",
+            "session_kill worker, `blocker_timeout = '1s'` (looks for a lock wait every 1 s; scans backend status and the lock manager only when one waits)",
         ),
         (
             &["session_kill.blocker_timeout = '5s'"],
-            "session_kill worker, `blocker_timeout = '5s'` (scans every 5 s)",
+            "session_kill worker, `blocker_timeout = '5s'` (looks every 5 s)",
         ),
         (
             &["session_kill.blocker_timeout = 0", "session_kill.idle_in_transaction_timeout = '1s'"],
@@ -384,14 +383,14 @@ fn measure_cpu(server: &Server) -> Vec<Cpu> {
         settle(server);
         thread::sleep(Duration::from_secs(2));
         let before = scans(&mut admin);
-        let (ticks, exact) = cpu_share(worker, || thread::sleep(CPU_WINDOW));
-        let wakeups = (scans(&mut admin) - before) as u64;
-        out.push(Cpu { label: label.to_owned(), ticks, exact, wakeups });
+        let used = cpu_share(worker, || thread::sleep(CPU_WINDOW));
+        let scans = (scans(&mut admin) - before) as u64;
+        out.push(Cpu { label: label.to_owned(), used, scans });
     }
     let mut poller = server.admin();
     let backend: i32 = poller.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let mut polls = 0;
-    let (ticks, exact) = cpu_share(backend, || {
+    let used = cpu_share(backend, || {
         let end = Instant::now() + CPU_WINDOW;
         while Instant::now() < end {
             poller.execute(POLL_SQL, &[]).unwrap();
@@ -401,9 +400,8 @@ fn measure_cpu(server: &Server) -> Vec<Cpu> {
     });
     out.push(Cpu {
         label: "the polling script's backend (its query every 1 s)".to_owned(),
-        ticks,
-        exact,
-        wakeups: polls,
+        used,
+        scans: polls,
     });
     out
 }
@@ -497,15 +495,16 @@ fn print_section(
         CPU_WINDOW.as_secs(),
         100.0 / (CPU_WINDOW.as_secs_f64() * clock_ticks_per_second())
     );
-    println!("| process | CPU (/proc stat) | CPU (schedstat) | wake-ups in the window | CPU per wake-up (schedstat) |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| process | CPU (/proc stat) | CPU (schedstat) | times run (schedstat) | scans (worker) or queries (script) | CPU per time run |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for c in cpu {
-        let per = if c.wakeups > 0 {
-            format!("{:.0} µs", c.exact / 100.0 * CPU_WINDOW.as_secs_f64() * 1e6 / c.wakeups as f64)
+        let u = &c.used;
+        let per = if u.runs > 0 {
+            format!("{:.0} µs", u.nanos as f64 / 1e3 / u.runs as f64)
         } else {
             "—".to_owned()
         };
-        println!("| {} | {:.3} % | {:.4} % | {} | {per} |", c.label, c.ticks, c.exact, c.wakeups);
+        println!("| {} | {:.3} % | {:.4} % | {} | {} | {per} |", c.label, u.ticks, u.exact, u.runs, c.scans);
     }
     println!(
         "\nLoad average (1, 5, 15 min) from `/proc/loadavg` at the start: {}; after the rounds: {}; at the end: {}. \
@@ -559,35 +558,4 @@ fn random_below(n: u64) -> u64 {
 
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
-}
-
-/// The share of one core process `pid` used while `during` ran: (from clock ticks, from schedstat).
-fn cpu_share(pid: i32, during: impl FnOnce()) -> (f64, f64) {
-    let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    };
-    let nanos = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-        stat.split_whitespace().next().unwrap().parse().unwrap()
-    };
-    let (t0, n0, start) = (ticks(), nanos(), Instant::now());
-    during();
-    let (t1, n1) = (ticks(), nanos());
-    let secs = start.elapsed().as_secs_f64();
-    let by_ticks = (t1 - t0) as f64 / clock_ticks_per_second() / secs * 100.0;
-    let exact = (n1 - n0) as f64 / 1e9 / secs * 100.0;
-    (by_ticks, exact)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }

@@ -1,0 +1,259 @@
+//! Benchmark (not a test): what session_kill costs on every login, and what the worker's scan
+//! costs per session with many rules. Prints a Markdown section.
+//!
+//! Logins: `pgbench -C -S` (a new connection for every read-only transaction, over the Unix
+//! socket) against one cluster, restarted before every round into one of three set-ups, in
+//! interleaved rounds: without `shared_preload_libraries`; with session_kill preloaded and no
+//! gate closed; preloaded with 64 gates closed (as many as the gate table holds, every one on
+//! another database, so each login checks them all and is still admitted). Each round starts
+//! with a warm-up run that is not counted.
+//!
+//! Scans: the worker's CPU over a window with 1000 idle sessions and with none, under 1 rule and
+//! under 256 (as many as the worker loads), each set-up with a 1 s limit that keeps it scanning
+//! every second; CPU per scan from `/proc/<pid>/schedstat` and the worker's own scan count.
+
+use session_kill_pg_test::stats::{cpu_share, load_average, median, open_idle, server_version, settle};
+use session_kill_pg_test::{wait_for_described, Server, APP};
+use std::thread;
+use std::time::Duration;
+
+/// Measured rounds per set-up (`SESSION_KILL_BENCH_ROUNDS` overrides it for a quick trial).
+fn rounds() -> usize {
+    std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6)
+}
+const RUN_SECS: u32 = 10;
+const WARM_UP_SECS: u32 = 2;
+const CLIENTS: u32 = 2;
+const GATES: usize = 64;
+const SESSIONS: usize = 1000;
+const CPU_WINDOW: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, PartialEq)]
+enum SetUp {
+    NotLoaded,
+    Preloaded,
+    GatesClosed,
+}
+
+impl SetUp {
+    const ALL: [SetUp; 3] = [SetUp::NotLoaded, SetUp::Preloaded, SetUp::GatesClosed];
+
+    fn name(self) -> String {
+        match self {
+            SetUp::NotLoaded => "without session_kill (`shared_preload_libraries = ''`)".to_owned(),
+            SetUp::Preloaded => "`shared_preload_libraries = 'session_kill'`, no gate closed".to_owned(),
+            SetUp::GatesClosed => format!("preloaded, {GATES} gates closed (other databases drained)"),
+        }
+    }
+}
+
+fn main() {
+    let server = Server::start(&["max_connections = 1100", "shared_buffers = '128MB'"]);
+    let version = server_version(&server);
+    let load_start = load_average();
+    prepare(&server);
+
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SetUp::ALL.len()];
+    // Round r runs the set-ups rotated by r, so none is always first after another.
+    for round in 0..rounds() {
+        for i in 0..SetUp::ALL.len() {
+            let k = (i + round) % SetUp::ALL.len();
+            enter(&server, SetUp::ALL[k]);
+            pgbench(&server, WARM_UP_SECS);
+            rates[k].push(pgbench(&server, RUN_SECS));
+        }
+    }
+    let load_mid = load_average();
+    enter(&server, SetUp::Preloaded);
+    let scans = measure_scans(&server);
+    let load_end = load_average();
+
+    println!("### The cost on every login, and the worker's scan per session ({version})\n");
+    println!(
+        "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
+         read-only transaction; scale 1), in {} interleaved rounds per set-up, each on the same cluster restarted \
+         into its set-up and warmed up for {WARM_UP_SECS} s first; the set-ups' order rotates every round. \
+         *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication. The \
+         overhead is against the median without session_kill; *paired* is the median over rounds of each round's \
+         change against the run without session_kill in the same round.\n",
+        rounds()
+    );
+    println!(
+        "| set-up | connections/s median | min | max | overhead (medians) | overhead (paired) | rounds |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    let base = median(&rates[0]);
+    for (k, setup) in SetUp::ALL.iter().enumerate() {
+        let v = &rates[k];
+        let paired: Vec<f64> = v.iter().zip(&rates[0]).map(|(x, b)| (b - x) / b * 100.0).collect();
+        let (overhead, paired) = if k == 0 {
+            ("—".to_owned(), "—".to_owned())
+        } else {
+            (format!("{:.1} %", (base - median(v)) / base * 100.0), format!("{:.1} %", median(&paired)))
+        };
+        let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        let (lo, hi) =
+            (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max));
+        println!(
+            "| {} | {:.0} | {lo:.0} | {hi:.0} | {overhead} | {paired} | {all} |",
+            setup.name(),
+            median(v)
+        );
+    }
+    println!("\nA positive overhead means fewer connections per second with session_kill. Target: ≤ 2 %.\n");
+
+    println!("#### The worker's scan, by rules and sessions\n");
+    println!(
+        "The worker's CPU over {} s with a 1 s limit that no session reaches (so it scans every second): \
+         `/proc/<pid>/schedstat` time on CPU, divided by the scans it counted (`session_kill.worker.scans`). \
+         The 256 rules are 255 that match no session (LIKE patterns on role, application and database with `%`, `_` and escapes, \
+         every state) plus the 1 s one; the sessions are idle (role `{APP}`). *Per session* is the difference \
+         between {SESSIONS} sessions and none, divided by {SESSIONS}.\n",
+        CPU_WINDOW.as_secs()
+    );
+    println!("| rules | client sessions | CPU (share of a core) | scans | CPU per scan | per session |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for rules in [1, 256] {
+        let none = scans.iter().find(|s| s.rules == rules && s.sessions == 0).map(|s| s.per_scan_us);
+        for s in scans.iter().filter(|s| s.rules == rules) {
+            let per_session = match (s.sessions, none) {
+                (n, Some(zero)) if n > 0 => format!("{:.2} µs", (s.per_scan_us - zero) / n as f64),
+                _ => "—".to_owned(),
+            };
+            println!(
+                "| {} | {} | {:.4} % | {} | {:.0} µs | {per_session} |",
+                s.rules, s.sessions, s.cpu_percent, s.scans, s.per_scan_us
+            );
+        }
+    }
+    println!(
+        "\nLoad average (1, 5, 15 min) at the start: {load_start}; after the login rounds: {load_mid}; at the end: \
+         {load_end}. Other engineers' builds share these {} cores.\n",
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    server.stop();
+}
+
+/// The pgbench database and the databases whose gates the third set-up closes.
+fn prepare(server: &Server) {
+    let mut admin = server.admin();
+    admin.batch_execute("CREATE DATABASE bench").unwrap();
+    for i in 0..GATES {
+        admin.batch_execute(&format!("CREATE DATABASE closed_{i:02}")).unwrap();
+    }
+    let out = server.client_program("pgbench").args(["-i", "-q", "-s", "1", "bench"]).output().unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Restarts the server into `setup`.
+fn enter(server: &Server, setup: SetUp) {
+    let libraries = if setup == SetUp::NotLoaded { "" } else { "session_kill" };
+    server
+        .admin()
+        .batch_execute(&format!("ALTER SYSTEM SET shared_preload_libraries = '{libraries}'"))
+        .unwrap();
+    server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+    if setup == SetUp::GatesClosed {
+        let mut admin = server.admin();
+        for i in 0..GATES {
+            admin
+                .batch_execute(&format!("SELECT FROM session_kill.drain_database('closed_{i:02}')"))
+                .unwrap();
+        }
+        let closed: i64 = admin.query_one("SELECT count(*) FROM session_kill.drains()", &[]).unwrap().get(0);
+        assert_eq!(closed, GATES as i64, "every gate closed");
+    }
+}
+
+/// Connections per second of one pgbench run.
+fn pgbench(server: &Server, secs: u32) -> f64 {
+    let clients = CLIENTS.to_string();
+    let out = server
+        .client_program("pgbench")
+        .args(["-n", "-C", "-S", "-c", &clients, "-j", &clients, "-T", &secs.to_string(), "bench"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output: {text}"))
+}
+
+struct ScanCost {
+    rules: usize,
+    sessions: usize,
+    cpu_percent: f64,
+    scans: u64,
+    per_scan_us: f64,
+}
+
+/// The worker's CPU per scan under 1 and 256 rules, with SESSIONS idle sessions and without.
+fn measure_scans(server: &Server) -> Vec<ScanCost> {
+    let mut admin = server.admin();
+    let mut out = Vec::new();
+    let mut idle = open_idle(server, "postgres", APP, SESSIONS);
+    for sessions in [SESSIONS, 0] {
+        if sessions == 0 {
+            idle.clear();
+            wait_for_described(Duration::from_secs(60), "the idle sessions are gone", || {
+                server
+                    .probe_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&APP])
+                    .get::<_, i64>(0)
+                    == 0
+            });
+        }
+        for rules in [1, 256] {
+            load_rules(server, &mut admin, rules);
+            settle(server);
+            thread::sleep(Duration::from_secs(2));
+            let worker: i32 = admin
+                .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
+                .unwrap()
+                .get(0);
+            let count = |admin: &mut postgres::Client| -> i64 {
+                admin.query_one("SELECT scans FROM session_kill.worker", &[]).unwrap().get(0)
+            };
+            let before = count(&mut admin);
+            let used = cpu_share(worker, || thread::sleep(CPU_WINDOW));
+            let scans = (count(&mut admin) - before) as u64;
+            out.push(ScanCost {
+                rules,
+                sessions,
+                cpu_percent: used.exact,
+                scans,
+                per_scan_us: used.nanos as f64 / 1e3 / scans.max(1) as f64,
+            });
+        }
+    }
+    out
+}
+
+/// Replaces the rules with `n`: one 1 s limit no session reaches (idle in transaction, and the
+/// sessions are idle) and n - 1 that match none of them, spread over every state.
+fn load_rules(server: &Server, admin: &mut postgres::Client, n: usize) {
+    admin.batch_execute("DELETE FROM session_kill.rules").unwrap();
+    admin
+        .batch_execute("INSERT INTO session_kill.rules (state, timeout) VALUES ('idle in transaction', '1s')")
+        .unwrap();
+    let states = ["idle", "idle in transaction", "transaction", "active", "blocking"];
+    for i in 1..n {
+        admin
+            .execute(
+                "INSERT INTO session_kill.rules (database, role, application, state, timeout)
+                 VALUES ($1, $2, $3, $4, '1h')",
+                &[
+                    &format!("db\\_{i}%"),
+                    &format!("role_{i}_"),
+                    &format!("%app {i}%"),
+                    &states[i % states.len()],
+                ],
+            )
+            .unwrap();
+    }
+    wait_for_described(Duration::from_secs(30), "the worker loads the rules", || {
+        server.probe_one("SELECT rules FROM session_kill.worker", &[]).get::<_, i32>(0) == n as i32
+    });
+}
