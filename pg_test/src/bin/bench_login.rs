@@ -12,7 +12,9 @@
 //! under 256 (as many as the worker loads), each set-up with a 1 s limit that keeps it scanning
 //! every second; CPU per scan from `/proc/<pid>/schedstat` and the worker's own scan count.
 
-use session_kill_pg_test::stats::{cpu_share, load_average, median, open_idle, server_version, settle};
+use session_kill_pg_test::stats::{
+    clock_ticks_per_second, cpu_share, load_average, max, median, min, open_idle, server_version, settle,
+};
 use session_kill_pg_test::{wait_for_described, Server, APP};
 use std::thread;
 use std::time::Duration;
@@ -48,19 +50,19 @@ impl SetUp {
 }
 
 fn main() {
-    let server = Server::start(&["max_connections = 1100", "shared_buffers = '128MB'"]);
+    let server = Server::start(&["max_connections = 1100", "shared_buffers = '128MB'", "autovacuum = off"]);
     let version = server_version(&server);
     let load_start = load_average();
     prepare(&server);
 
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SetUp::ALL.len()];
+    let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
     // Round r runs the set-ups rotated by r, so none is always first after another.
     for round in 0..rounds() {
         for i in 0..SetUp::ALL.len() {
             let k = (i + round) % SetUp::ALL.len();
             enter(&server, SetUp::ALL[k]);
             pgbench(&server, WARM_UP_SECS);
-            rates[k].push(pgbench(&server, RUN_SECS));
+            runs[k].push(pgbench(&server, RUN_SECS));
         }
     }
     let load_mid = load_average();
@@ -72,35 +74,47 @@ fn main() {
     println!(
         "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
          read-only transaction; scale 1), in {} interleaved rounds per set-up, each on the same cluster restarted \
-         into its set-up and warmed up for {WARM_UP_SECS} s first; the set-ups' order rotates every round. \
-         *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication. The \
-         overhead is against the median without session_kill; *paired* is the median over rounds of each round's \
-         change against the run without session_kill in the same round.\n",
+         into its set-up (autovacuum off) and warmed up for {WARM_UP_SECS} s first; the set-ups' order rotates every \
+         round. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
+         wall-clock, so it moves with whatever else runs on the machine. *Server CPU per connection* is the CPU \
+         time of the backends that served the run (the postmaster's reaped children: `cutime + cstime` in \
+         `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
+         the server, which other load on the machine barely moves. The overhead is against the median without \
+         session_kill; *paired* is the median over rounds of each round's change against the run without \
+         session_kill in the same round.\n",
         rounds()
     );
-    println!(
-        "| set-up | connections/s median | min | max | overhead (medians) | overhead (paired) | rounds |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---|");
-    let base = median(&rates[0]);
+    println!("| set-up | metric | median | min | max | overhead (medians) | overhead (paired) | rounds |");
+    println!("|---|---|---:|---:|---:|---:|---:|---|");
     for (k, setup) in SetUp::ALL.iter().enumerate() {
-        let v = &rates[k];
-        let paired: Vec<f64> = v.iter().zip(&rates[0]).map(|(x, b)| (b - x) / b * 100.0).collect();
-        let (overhead, paired) = if k == 0 {
-            ("—".to_owned(), "—".to_owned())
-        } else {
-            (format!("{:.1} %", (base - median(v)) / base * 100.0), format!("{:.1} %", median(&paired)))
-        };
-        let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-        let (lo, hi) =
-            (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max));
-        println!(
-            "| {} | {:.0} | {lo:.0} | {hi:.0} | {overhead} | {paired} | {all} |",
-            setup.name(),
-            median(v)
-        );
+        for (metric, of, worse_when_higher) in [
+            ("connections/s", (|r: &Run| r.tps) as fn(&Run) -> f64, false),
+            ("server CPU per connection, µs", |r: &Run| r.cpu_per_connection_us, true),
+        ] {
+            let v: Vec<f64> = runs[k].iter().map(of).collect();
+            let base: Vec<f64> = runs[0].iter().map(of).collect();
+            let change =
+                |x: f64, b: f64| if worse_when_higher { (x - b) / b * 100.0 } else { (b - x) / b * 100.0 };
+            let (overhead, paired) = if k == 0 {
+                ("—".to_owned(), "—".to_owned())
+            } else {
+                let paired: Vec<f64> = v.iter().zip(&base).map(|(x, b)| change(*x, *b)).collect();
+                (format!("{:.1} %", change(median(&v), median(&base))), format!("{:.1} %", median(&paired)))
+            };
+            let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            println!(
+                "| {} | {metric} | {:.0} | {:.0} | {:.0} | {overhead} | {paired} | {all} |",
+                setup.name(),
+                median(&v),
+                min(&v),
+                max(&v)
+            );
+        }
     }
-    println!("\nA positive overhead means fewer connections per second with session_kill. Target: ≤ 2 %.\n");
+    println!(
+        "\nA positive overhead means fewer connections per second, or more CPU per connection, with session_kill. \
+         Target: ≤ 2 %.\n"
+    );
 
     println!("#### The worker's scan, by rules and sessions\n");
     println!(
@@ -168,9 +182,15 @@ fn enter(server: &Server, setup: SetUp) {
     }
 }
 
-/// Connections per second of one pgbench run.
-fn pgbench(server: &Server, secs: u32) -> f64 {
+struct Run {
+    tps: f64,
+    cpu_per_connection_us: f64,
+}
+
+/// One pgbench run: connections per second, and the server's CPU per connection.
+fn pgbench(server: &Server, secs: u32) -> Run {
     let clients = CLIENTS.to_string();
+    let reaped_before = reaped_cpu_ticks(server);
     let out = server
         .client_program("pgbench")
         .args(["-n", "-C", "-S", "-c", &clients, "-j", &clients, "-T", &secs.to_string(), "bench"])
@@ -178,11 +198,31 @@ fn pgbench(server: &Server, secs: u32) -> f64 {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|tps| tps.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench's output: {text}"))
+    // The last connections' backends may still be exiting.
+    thread::sleep(Duration::from_millis(300));
+    let ticks = reaped_cpu_ticks(server) - reaped_before;
+    let number = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split(['/', ' ']).find(|w| !w.is_empty()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no \"{prefix}\" in pgbench's output: {text}"))
+    };
+    let connections = number("number of transactions actually processed: ");
+    Run {
+        tps: number("tps = "),
+        cpu_per_connection_us: ticks as f64 / clock_ticks_per_second() * 1e6 / connections,
+    }
+}
+
+/// CPU time (user + system, in clock ticks) of the postmaster's children that have exited and
+/// been waited for: every backend that served a connection and is gone.
+fn reaped_cpu_ticks(server: &Server) -> u64 {
+    let pid = std::fs::read_to_string(server.datadir.join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap().trim();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[13].parse::<u64>().unwrap() + fields[14].parse::<u64>().unwrap()
 }
 
 struct ScanCost {
