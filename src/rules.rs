@@ -12,6 +12,8 @@
 
 use crate::fixed::FixedText;
 use crate::policy::{parse_label, Cidr, InputError, LikePattern, Micros, Session, State};
+use std::collections::HashMap;
+use std::net::IpAddr;
 
 /// What a rule's timeout measures: the rule's `state` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +250,14 @@ pub struct Verdict<'a> {
     pub deadline: Micros,
 }
 
+/// Which rules match each identity (database, role, application, client address) seen in one
+/// scan: the sessions of a pool share one, so a scan under many rules matches their patterns
+/// once per identity, not once per session. Valid for one rule set and one scan.
+#[derive(Default)]
+pub struct MatchCache {
+    matching: HashMap<(u32, Option<String>, String, Option<IpAddr>), Vec<usize>>,
+}
+
 /// Every enabled rule, highest priority first.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -286,17 +296,33 @@ impl RuleSet {
 
     /// The rule that governs `s` now (see the module comment), with its deadline.
     pub fn verdict(&self, s: &Session, datname: &str) -> Option<Verdict<'_>> {
-        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, datname)).min_by_key(|v| v.deadline)
+        self.verdict_among(s, &self.matching(s, datname))
     }
 
-    /// Among the rules of one kind that apply to `s`, the one with the highest priority (rules
-    /// are sorted that way), the earliest deadline among equals.
-    fn governing(&self, kind: Measure, s: &Session, datname: &str) -> Option<Verdict<'_>> {
+    /// `verdict`, matching the rules' patterns only once per identity in `cache`.
+    pub fn cached_verdict(&self, s: &Session, datname: &str, cache: &mut MatchCache) -> Option<Verdict<'_>> {
+        let identity = (s.database_oid, s.role.clone(), s.application.clone(), s.client);
+        let matching = cache.matching.entry(identity).or_insert_with(|| self.matching(s, datname));
+        self.verdict_among(s, matching)
+    }
+
+    /// The rules whose patterns and network match `s`, by index, highest priority first.
+    fn matching(&self, s: &Session, datname: &str) -> Vec<usize> {
+        (0..self.rules.len()).filter(|i| self.rules[*i].matches(s, datname)).collect()
+    }
+
+    fn verdict_among(&self, s: &Session, matching: &[usize]) -> Option<Verdict<'_>> {
+        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, matching)).min_by_key(|v| v.deadline)
+    }
+
+    /// Among the matching rules of one kind, the one with the highest priority (rules are sorted
+    /// that way), the earliest deadline among equals.
+    fn governing(&self, kind: Measure, s: &Session, matching: &[usize]) -> Option<Verdict<'_>> {
         let since = kind.since(s)?;
-        let mut candidates = self
-            .rules
+        let mut candidates = matching
             .iter()
-            .filter(|rule| rule.measure == kind && rule.matches(s, datname))
+            .map(|i| &self.rules[*i])
+            .filter(|rule| rule.measure == kind)
             .map(|rule| Verdict { rule, deadline: since.saturating_add(rule.timeout) });
         let first = candidates.next()?;
         Some(candidates.take_while(|v| v.rule.priority == first.rule.priority).fold(first, |best, v| {
@@ -523,6 +549,33 @@ mod tests {
             Some(("session_kill.transaction_timeout".into(), NOW + 10 * SEC)),
             "rule 2 lifts the idle-in-transaction setting only"
         );
+    }
+
+    #[test]
+    fn a_scan_matches_patterns_once_per_identity_and_decides_as_without_the_cache() {
+        let set = rules(
+            vec![
+                RuleRow { role: "app".into(), ..row(1, "idle", 10) },
+                RuleRow { application: "ps%".into(), ..row(2, "idle", 20) },
+                row(3, "active", 5),
+            ],
+            Limits { idle: 60 * SEC, ..Limits::default() },
+        );
+        let sessions: Vec<Session> = (0..12)
+            .map(|i| Session {
+                role: Some(["app", "dba"][i % 2].into()),
+                application: ["psql", "pgbench", "psql"][i % 3].into(),
+                ..client(i as i32, if i % 4 == 0 { State::Active } else { State::Idle }, i as i64)
+            })
+            .collect();
+        let mut cache = MatchCache::default();
+        for s in &sessions {
+            let plain = set.verdict(s, "shop").map(|v| (v.rule.origin.label(), v.deadline));
+            let cached =
+                set.cached_verdict(s, "shop", &mut cache).map(|v| (v.rule.origin.label(), v.deadline));
+            assert_eq!(cached, plain, "session {}", s.pid);
+        }
+        assert_eq!(cache.matching.len(), 4, "two roles × two applications");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
-use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
+use crate::rules::{Action, MatchCache, Measure, Origin, Rule, RuleSet};
 use crate::shmem;
 use crate::signal::{self, Signal};
 use crate::sync;
@@ -298,11 +298,12 @@ impl Worker {
             sessions.values().filter(|s| s.kind == BackendKind::Client).collect();
         clients.sort_by_key(|s| !s.state.is_some_and(|st| st != State::Idle && st.is_idle()));
         let mut ended_idle_blocker = false;
+        let mut matches = MatchCache::default();
         for s in clients {
             if protections.protection(s).is_some() || self.handled.contains(&key(s)) {
                 continue;
             }
-            let verdict = rules.verdict(s, self.database_name(s.database_oid));
+            let verdict = rules.cached_verdict(s, self.database_name(s.database_oid), &mut matches);
             let blocking = verdict.is_some_and(|v| v.rule.measure == Measure::Blocking);
             let wake = match verdict {
                 Some(v) if v.deadline > now => {
