@@ -16,10 +16,11 @@ use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
-use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
+use crate::rules::{Action, Measure, Origin, Rule, RuleSet, Verdict};
 use crate::shmem;
 use crate::signal::{self, Signal};
 use crate::sync;
+use crate::xmin_hold::Sightings;
 use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -139,6 +140,8 @@ struct Worker {
     /// were first seen holding others up without waiting themselves.
     waiting_at_last_scan: HashSet<i32>,
     free_since: HashMap<i32, Micros>,
+    /// Each backend's xmin at the last scan, while a snapshot limit is in force.
+    sightings: Sightings,
 }
 
 impl Default for Worker {
@@ -155,6 +158,7 @@ impl Default for Worker {
             parsed_rules: None,
             waiting_at_last_scan: HashSet::new(),
             free_since: HashMap::new(),
+            sightings: Sightings::default(),
         }
     }
 }
@@ -229,6 +233,7 @@ impl Worker {
         let read = backends::sessions();
         let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
+        let read = self.watch_snapshots(&rules, read, now);
         let sessions: HashMap<i32, Session> = read
             .into_iter()
             .map(|(pid, s)| {
@@ -306,6 +311,31 @@ impl Worker {
         earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
+    /// While some limit measures snapshots, gives each session since when its xmin has held
+    /// back the horizon, by what earlier scans saw (see `xmin_hold.rs`), and records and
+    /// publishes what this scan saw. Otherwise stops watching: a later watch starts afresh.
+    fn watch_snapshots(
+        &mut self,
+        rules: &RuleSet,
+        mut read: HashMap<i32, Session>,
+        now: Micros,
+    ) -> HashMap<i32, Session> {
+        if !rules.measures_snapshots() {
+            if self.sightings.watching_since != 0 {
+                self.sightings.stop();
+                shmem::publish_sightings(&self.sightings);
+            }
+            return read;
+        }
+        self.sightings.watch(now);
+        for s in read.values_mut() {
+            s.xmin_since = self.sightings.held_since(s);
+        }
+        self.sightings.record(read.values(), now);
+        shmem::publish_sightings(&self.sightings);
+        read
+    }
+
     /// The published rows of `session_kill.rules` (parsed again only when republished) and the
     /// settings, as one rule set.
     fn rules(&mut self) -> RuleSet {
@@ -333,28 +363,14 @@ impl Worker {
         let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
         fresh.session.blocking_since =
             self.blocking_since(rules, false).get(&chosen.pid).copied().unwrap_or(0);
+        if rules.measures_snapshots() {
+            fresh.session.xmin_since = self.sightings.held_since(&fresh.session);
+        }
         fresh.session = self.clock.corrected(&fresh.session);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
         let rule = verdict.rule.origin.label();
-        let limit = match verdict.rule.origin {
-            Origin::Row(_) => format!(
-                "{rule} ({} longer than {})",
-                verdict.rule.measure.label(),
-                args::interval(verdict.rule.timeout)
-            ),
-            Origin::Setting(_) => rule.clone(),
-        };
-        let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
-        let over = match verdict.rule.origin {
-            Origin::Row(_) if !verdict.rule.comment.is_empty() => {
-                format!("{rule} ({})", escape(&verdict.rule.comment))
-            }
-            Origin::Row(_) => rule.clone(),
-            Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
-        };
-        let measured = now - (verdict.deadline - verdict.rule.timeout);
-        let told = format!("{}, over {over}", verdict.rule.measure.told(&duration_text(measured)));
+        let (why, told) = explain(&verdict, &fresh.session, now);
         match self.cancelled.get(&key(chosen)) {
             Some(grace_end) if now < *grace_end => return Some(*grace_end),
             Some(_) => {}
@@ -479,4 +495,34 @@ impl Worker {
         };
         acting.finish(&subject, &progress, outcome);
     }
+}
+
+/// Why the worker ends a session past `verdict`'s deadline: for the log line and the audit row,
+/// and as its client is told (after `session_kill: `).
+fn explain(verdict: &Verdict, s: &Session, now: Micros) -> (String, String) {
+    let rule = verdict.rule.origin.label();
+    let measure = verdict.rule.measure;
+    let xid_age = verdict.rule.xid_age;
+    let age = s.xmin.map_or(0, |x| x.age);
+    let limit = match verdict.rule.origin {
+        Origin::Row(_) => {
+            format!("{rule} ({} longer than {})", measure.label(), args::interval(verdict.rule.timeout))
+        }
+        Origin::Setting(_) => rule.clone(),
+    };
+    let why = if measure == Measure::SnapshotXidAge {
+        format!("{limit} exceeded: xmin age {age} is over {xid_age}")
+    } else {
+        format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0)
+    };
+    let over = match verdict.rule.origin {
+        Origin::Row(_) if !verdict.rule.comment.is_empty() => {
+            format!("{rule} ({})", escape(&verdict.rule.comment))
+        }
+        Origin::Row(_) => rule.clone(),
+        Origin::Setting(_) if measure == Measure::SnapshotXidAge => format!("{rule} ({xid_age})"),
+        Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
+    };
+    let measured = now - (verdict.deadline - verdict.rule.timeout);
+    (why, format!("{}, over {over}", measure.told(&duration_text(measured), s)))
 }
