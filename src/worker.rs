@@ -321,13 +321,12 @@ impl Worker {
         now: Micros,
     ) -> HashMap<i32, Session> {
         if !rules.measures_snapshots() {
-            if self.sightings.watching_since != 0 {
-                self.sightings.stop();
+            if !self.sightings.is_empty() {
+                self.sightings = Sightings::default();
                 shmem::publish_sightings(&self.sightings);
             }
             return read;
         }
-        self.sightings.watch(now);
         for s in read.values_mut() {
             s.xmin_since = self.sightings.held_since(s);
         }

@@ -403,7 +403,10 @@ fn the_worker_enforces_on_a_hot_standby_and_logs_there() {
 
     assert_ended_by_admin_on(&standby, idle.pid, idle.probe());
     // The action is in the standby's server log.
-    assert_logged_soon(&standby, &format!("session_kill: sent terminate to pid {} (database postgres, user app", idle.pid));
+    assert_logged_soon(
+        &standby,
+        &format!("session_kill: sent terminate to pid {} (database postgres, user app", idle.pid),
+    );
     let queued: i32 =
         standby.admin().query_one("SELECT audit_queued FROM session_kill.worker", &[]).unwrap().get(0);
     assert_eq!(queued, 0, "a standby queues nothing for session_kill.log: it cannot write");
