@@ -476,3 +476,48 @@ fn horizon_names_the_oldest_holder_of_each_kind() {
     drop(prepare);
     s.stop();
 }
+
+/// A standby with `hot_standby_feedback` and no replication slot: its walsender on the primary
+/// carries the standby's xmin, which a REPEATABLE READ query on the standby holds back. The
+/// primary's `horizon()` names that walsender; session_kill does not end it.
+#[test]
+fn horizon_names_a_walsender_holding_a_standby_s_feedback() {
+    let primary = Server::start(&[]);
+    let standby =
+        primary.start_standby(&["hot_standby_feedback = on", "wal_receiver_status_interval = '1s'"]);
+    let reader = repeatable_read(&standby, APP);
+    let standby_xmin: String = standby
+        .admin()
+        .query_one("SELECT backend_xmin::text FROM pg_stat_activity WHERE pid = $1", &[&reader.pid])
+        .unwrap()
+        .get(0);
+    burn_xids(&primary, 5);
+    let walsender: i32 = primary.probe_one("SELECT pid FROM pg_stat_replication", &[]).get(0);
+    wait_for_described(Duration::from_secs(20), "the walsender carries the standby's xmin", || {
+        primary
+            .probe_one(
+                "SELECT backend_xmin::text = $1 FROM pg_stat_activity WHERE pid = $2",
+                &[&standby_xmin, &walsender],
+            )
+            .get::<_, Option<bool>>(0)
+            == Some(true)
+    });
+    let row = primary.probe_one(
+        "SELECT pid, xmin::text, xmin_age, held_for IS NULL, can_end, detail FROM session_kill.horizon()
+          WHERE kind = 'walsender'",
+        &[],
+    );
+    assert_eq!(row.get::<_, Option<i32>>(0), Some(walsender));
+    assert_eq!(row.get::<_, String>(1), standby_xmin);
+    assert!(row.get::<_, i32>(2) >= 5);
+    assert!(row.get::<_, bool>(3), "how long is not knowable");
+    assert!(!row.get::<_, bool>(4));
+    assert!(
+        row.get::<_, String>(5).starts_with("hot_standby_feedback of standby \""),
+        "{}",
+        row.get::<_, String>(5)
+    );
+    drop(reader);
+    standby.stop();
+    primary.stop();
+}
