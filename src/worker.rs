@@ -1,6 +1,8 @@
 //! The background worker: enforces the rules of `session_kill.rules` and the limits
-//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout` and
-//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session.
+//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout`,
+//! `session_kill.transaction_timeout`, `session_kill.blocker_timeout` and the snapshot limits
+//! `session_kill.snapshot_timeout` and `session_kill.snapshot_xid_age` (see `rules.rs` for which
+//! governs, `xmin_hold.rs` for how long a snapshot has been held) on every client session.
 //! Instead of polling it sleeps on its latch until the earliest deadline (or until the shortest
 //! timeout has passed, since nothing that enters a state later can expire sooner). With
 //! `session_kill.max_connection_usage` set it also ends the longest-idle sessions when client
