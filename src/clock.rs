@@ -58,6 +58,7 @@ impl StepSafeClock {
             &mut fixed.xact_start,
             &mut fixed.query_start,
             &mut fixed.blocking_since,
+            &mut fixed.xmin_since,
         ] {
             *stamp = self.correct(s.pid, s.backend_start, *stamp);
         }
@@ -115,6 +116,8 @@ mod tests {
             is_superuser: false,
             caller_may_signal: true,
             blocking_since: 0,
+            xmin: None,
+            xmin_since: 0,
         }
     }
 

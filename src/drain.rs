@@ -482,6 +482,8 @@ fn starting_session(login: &Admission, database_oid: u32) -> Session {
         is_superuser: login.superuser,
         caller_may_signal: signal::may_signal_role(role),
         blocking_since: 0,
+        xmin: None,
+        xmin_since: 0,
     }
 }
 

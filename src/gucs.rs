@@ -34,6 +34,17 @@ pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// running statement is cancelled first if the rule says so. 0 turns it off.
 pub static BLOCKER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.snapshot_timeout`: ends a session whose snapshot (`backend_xmin`) has held back
+/// the xmin horizon, and so vacuum everywhere, for longer than this: a running statement is
+/// terminated (a `snapshot` rule may cancel it first), a session idle in a transaction is
+/// terminated. How long a snapshot has been held is defined in `xmin_hold.rs`. 0 turns it off.
+pub static SNAPSHOT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `session_kill.snapshot_xid_age`: likewise once `age(backend_xmin)` exceeds this many
+/// transactions. While set, the worker looks at every session at least once a second
+/// (`rules::XID_AGE_POLL`). 0 turns it off.
+pub static SNAPSHOT_XID_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// `session_kill.make_way_after`: settable by any user. Once this session has waited this long
 /// for a lock, the worker ends the sessions that hold up its request (a session queued ahead of
 /// it too), if its own role could `pg_terminate_backend` them; superusers and protected sessions
@@ -79,6 +90,11 @@ pub fn register() {
             c"Terminates client sessions that have held up another session's lock request for longer than this (0 turns it off).",
             &BLOCKER_TIMEOUT,
         ),
+        (
+            c"session_kill.snapshot_timeout",
+            c"Ends client sessions whose snapshot has held back the xmin horizon for longer than this (0 turns it off).",
+            &SNAPSHOT_TIMEOUT,
+        ),
     ] {
         GucRegistry::define_int_guc(
             name,
@@ -107,6 +123,16 @@ pub fn register() {
             None,
         );
     }
+    GucRegistry::define_int_guc(
+        c"session_kill.snapshot_xid_age",
+        c"Ends client sessions whose snapshot is older than this many transactions (0 turns it off).",
+        c"Enforced by the session_kill background worker, which then looks at every session once a second; clients cannot change it.",
+        &SNAPSHOT_XID_AGE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_float_guc(
         c"session_kill.max_connection_usage",
         c"Share of max_connections above which the session_kill worker ends the longest-idle sessions (0 turns it off).",
@@ -185,6 +211,8 @@ pub fn limits() -> crate::rules::Limits {
         idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
         transaction: micros(&TRANSACTION_TIMEOUT),
         blocking: micros(&BLOCKER_TIMEOUT),
+        snapshot: micros(&SNAPSHOT_TIMEOUT),
+        snapshot_xid_age: i64::from(SNAPSHOT_XID_AGE.get()),
     }
 }
 

@@ -5,6 +5,7 @@
 //! Timestamps are PostgreSQL `TimestampTz` values (microseconds since 2000-01-01); 0 means unset,
 //! as in the server's backend status entries.
 
+pub use crate::xmin_hold::Xmin;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -273,6 +274,11 @@ pub struct Session {
     /// When the longest-waiting of the sessions it holds up in the lock manager began to wait, if
     /// it holds any up and waits for no lock itself; 0 otherwise, or when not looked up.
     pub blocking_since: Micros,
+    /// The oldest xmin of the snapshots it holds (`backend_xmin`), with its age.
+    pub xmin: Option<Xmin>,
+    /// Since when that xmin has held back the horizon (see `xmin_hold.rs`); 0 without one, or
+    /// when not looked up.
+    pub xmin_since: Micros,
 }
 
 impl Session {
@@ -287,6 +293,11 @@ impl Session {
     /// Age of the open transaction; `None` outside a transaction.
     pub fn xact_age(&self, now: Micros) -> Option<Micros> {
         (self.xact_start != 0).then(|| (now - self.xact_start).max(0))
+    }
+
+    /// How long its xmin has held back the horizon; `None` without an xmin or when unknown.
+    pub fn xmin_held_for(&self, now: Micros) -> Option<Micros> {
+        (self.xmin.is_some() && self.xmin_since != 0).then(|| (now - self.xmin_since).max(0))
     }
 
     /// `pid 42 (database shop, user app, application "psql", state idle)`, for log lines and
@@ -627,6 +638,8 @@ pub(crate) mod test_support {
             is_superuser: false,
             caller_may_signal: true,
             blocking_since: 0,
+            xmin: None,
+            xmin_since: 0,
         }
     }
 }

@@ -4,11 +4,13 @@
 //! Rules compete within their kind (their `state` column). For each kind that applies to a
 //! session right now ('idle' to idle sessions, 'idle in transaction' to sessions idle inside a
 //! transaction, 'active' to running ones, 'transaction' to any session inside a transaction,
-//! 'blocking' to a session that holds up another's lock request and waits for no lock itself), the
-//! enabled rule of that kind whose patterns match and whose priority is highest governs (among
-//! equal priorities, the one whose deadline comes first). The session then runs into the earliest
-//! of those deadlines. A high-priority rule with a long timeout is therefore how an exception is
-//! written, and it only lifts limits of its own kind.
+//! 'blocking' to a session that holds up another's lock request and waits for no lock itself,
+//! 'snapshot' to a session whose snapshot holds back the xmin horizon), the enabled rule of that
+//! kind whose patterns match and whose priority is highest governs (among equal priorities, the
+//! one whose deadline comes first). The session then runs into the earliest of those deadlines.
+//! A high-priority rule with a long timeout is therefore how an exception is written, and it only
+//! lifts limits of its own kind. `session_kill.snapshot_xid_age` is a kind of its own, which no
+//! row can set or lift: it counts transactions, not time.
 
 use crate::fixed::FixedText;
 use crate::policy::{parse_label, Cidr, InputError, LikePattern, Micros, Session, State};
@@ -29,11 +31,32 @@ pub enum Measure {
     /// Holding up another session in the lock manager (and waiting for no lock itself), since
     /// the longest-waiting of those it holds up began to wait.
     Blocking,
+    /// Holding back the xmin horizon with a snapshot, since it was taken (see `xmin_hold.rs`).
+    Snapshot,
+    /// Holding back the xmin horizon by more than a number of transactions
+    /// (`session_kill.snapshot_xid_age`); not a rule state.
+    SnapshotXidAge,
 }
 
 impl Measure {
-    const ALL: [Measure; 5] =
-        [Measure::Idle, Measure::IdleInTransaction, Measure::Transaction, Measure::Active, Measure::Blocking];
+    /// What `session_kill.rules.state` may say.
+    const STATES: [Measure; 6] = [
+        Measure::Idle,
+        Measure::IdleInTransaction,
+        Measure::Transaction,
+        Measure::Active,
+        Measure::Blocking,
+        Measure::Snapshot,
+    ];
+    const ALL: [Measure; 7] = [
+        Measure::Idle,
+        Measure::IdleInTransaction,
+        Measure::Transaction,
+        Measure::Active,
+        Measure::Blocking,
+        Measure::Snapshot,
+        Measure::SnapshotXidAge,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -42,22 +65,28 @@ impl Measure {
             Measure::Transaction => "transaction",
             Measure::Active => "active",
             Measure::Blocking => "blocking",
+            Measure::Snapshot => "snapshot",
+            Measure::SnapshotXidAge => "snapshot xid age",
         }
     }
 
-    /// What the session was doing for the measured time `how_long`, as its client is told.
-    pub fn told(self, how_long: &str) -> String {
+    /// What the session `s` was doing for the measured time `how_long`, as its client is told.
+    pub fn told(self, how_long: &str, s: &Session) -> String {
+        let age = s.xmin.map_or(0, |x| x.age);
         match self {
             Measure::Idle => format!("idle for {how_long}"),
             Measure::IdleInTransaction => format!("idle in transaction for {how_long}"),
             Measure::Transaction => format!("in a transaction for {how_long}"),
             Measure::Active => format!("running a statement for {how_long}"),
             Measure::Blocking => format!("holding up another session's lock request for {how_long}"),
+            Measure::Snapshot | Measure::SnapshotXidAge => {
+                format!("holding back the xmin horizon for {how_long} (xmin age {age})")
+            }
         }
     }
 
     pub fn parse(text: &str) -> Result<Measure, InputError> {
-        parse_label(text, &Measure::ALL, Measure::label, "rule state", "rule states")
+        parse_label(text, &Measure::STATES, Measure::label, "rule state", "rule states")
     }
 
     /// Since when `s` has been in the measured condition; `None` when it is not in it.
@@ -70,6 +99,7 @@ impl Measure {
             (Measure::Transaction, _) => s.xact_start,
             (Measure::Active, state) if state.is_running() => s.query_start,
             (Measure::Blocking, _) => s.blocking_since,
+            (Measure::Snapshot | Measure::SnapshotXidAge, _) if s.xmin.is_some() => s.xmin_since,
             _ => return None,
         };
         (since != 0).then_some(since)
@@ -158,6 +188,8 @@ pub struct Rule {
     /// Settings rank below every row, whatever its priority.
     priority: i64,
     pub comment: String,
+    /// `SnapshotXidAge` only: applies once the xmin is older than this many transactions.
+    pub xid_age: i64,
 }
 
 impl Rule {
@@ -204,6 +236,7 @@ impl Rule {
             grace: row.grace,
             priority: i64::from(row.priority),
             comment: row.comment.clone(),
+            xid_age: 0,
         })
     }
 
@@ -222,10 +255,26 @@ impl Rule {
             grace: 0,
             priority: i64::MIN,
             comment: String::new(),
+            xid_age: 0,
         }
     }
 
+    /// How often the worker must look at sessions for this rule: its timeout, except for the
+    /// transaction-counting `snapshot_xid_age`, which nothing wakes the worker for.
+    fn poll_interval(&self) -> Micros {
+        match self.measure {
+            Measure::SnapshotXidAge => XID_AGE_POLL,
+            _ => self.timeout,
+        }
+    }
+
+    /// For `snapshot_xid_age`, the session's xmin is old enough; every other rule, always.
+    fn reached_xid_age(&self, s: &Session) -> bool {
+        self.measure != Measure::SnapshotXidAge || s.xmin.is_some_and(|x| x.age > self.xid_age)
+    }
+
     /// The patterns match `s` (connected to database `datname`); a network needs a TCP client.
+    /// What only the session's identity decides, so a scan may remember it (`MatchCache`).
     fn matches(&self, s: &Session, datname: &str) -> bool {
         self.database.matches(datname)
             && self.role.matches(s.role.as_deref().unwrap_or(""))
@@ -234,6 +283,10 @@ impl Rule {
     }
 }
 
+/// While `session_kill.snapshot_xid_age` is set, the worker looks at every session at least this
+/// often: transaction IDs are assigned without waking it.
+pub const XID_AGE_POLL: Micros = 1_000_000;
+
 /// The limits set in postgresql.conf (`session_kill.idle_timeout` and friends); 0 turns one off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -241,6 +294,9 @@ pub struct Limits {
     pub idle_in_transaction: Micros,
     pub transaction: Micros,
     pub blocking: Micros,
+    pub snapshot: Micros,
+    /// In transactions, not time.
+    pub snapshot_xid_age: i64,
 }
 
 /// Which rule governs a session, and when the session runs into it.
@@ -276,11 +332,19 @@ impl RuleSet {
                 ),
                 ("session_kill.transaction_timeout", Measure::Transaction, settings.transaction),
                 ("session_kill.blocker_timeout", Measure::Blocking, settings.blocking),
+                ("session_kill.snapshot_timeout", Measure::Snapshot, settings.snapshot),
             ]
             .into_iter()
             .filter(|(_, _, timeout)| *timeout > 0)
             .map(|(name, measure, timeout)| Rule::setting(name, measure, timeout)),
         );
+        if settings.snapshot_xid_age > 0 {
+            // Due as soon as the xmin is too old: a deadline of the hold's start.
+            rows.push(Rule {
+                xid_age: settings.snapshot_xid_age,
+                ..Rule::setting("session_kill.snapshot_xid_age", Measure::SnapshotXidAge, 0)
+            });
+        }
         rows.sort_by_key(|r| std::cmp::Reverse(r.priority));
         RuleSet { rules: rows }
     }
@@ -292,6 +356,11 @@ impl RuleSet {
     /// Some enabled rule (or setting) measures this.
     pub fn measures(&self, measure: Measure) -> bool {
         self.rules.iter().any(|r| r.measure == measure)
+    }
+
+    /// Some enabled rule (or setting) limits how long or how far snapshots hold the horizon.
+    pub fn measures_snapshots(&self) -> bool {
+        self.measures(Measure::Snapshot) || self.measures(Measure::SnapshotXidAge)
     }
 
     /// The rule that governs `s` now (see the module comment), with its deadline.
@@ -322,7 +391,7 @@ impl RuleSet {
         let mut candidates = matching
             .iter()
             .map(|i| &self.rules[*i])
-            .filter(|rule| rule.measure == kind)
+            .filter(|rule| rule.measure == kind && rule.reached_xid_age(s))
             .map(|rule| Verdict { rule, deadline: since.saturating_add(rule.timeout) });
         let first = candidates.next()?;
         Some(candidates.take_while(|v| v.rule.priority == first.rule.priority).fold(first, |best, v| {
@@ -335,11 +404,13 @@ impl RuleSet {
     }
 
     /// When to scan next: at the earliest known deadline, and no later than the shortest timeout
-    /// from now (a session that enters a state after this scan cannot expire sooner). Blocking
-    /// limits are left to `lock_watch`. `None` when there is no rule: sleep until something
-    /// changes.
+    /// from now (a session that enters a state after this scan cannot expire sooner; a snapshot
+    /// taken after it is charged from after it, see `xmin_hold.rs`), or `XID_AGE_POLL` while
+    /// `snapshot_xid_age` is set. Blocking limits are left to `lock_watch`. `None` when there is
+    /// no rule: sleep until something changes.
     pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
-        let shortest = self.rules.iter().filter(|r| r.measure != Measure::Blocking).map(|r| r.timeout).min();
+        let shortest =
+            self.rules.iter().filter(|r| r.measure != Measure::Blocking).map(Rule::poll_interval).min();
         [earliest_deadline, shortest.map(|t| now.saturating_add(t))].into_iter().flatten().min()
     }
 
@@ -468,7 +539,7 @@ mod tests {
 
     #[test]
     fn settings_alone_follow_the_state_and_the_earliest_limit_wins() {
-        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 };
+        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, ..Limits::default() };
         let set = RuleSet::new(vec![], limits);
         let idle = client(1, State::Idle, 5);
         assert_eq!(governing(&set, &idle), Some(("session_kill.idle_timeout".into(), NOW + 55 * SEC)));
@@ -650,7 +721,7 @@ mod tests {
     fn next_scan_is_the_earliest_deadline_or_the_shortest_timeout() {
         let set = rules(
             vec![row(1, "active", 7)],
-            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, transaction: 0, blocking: 0 },
+            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, ..Limits::default() },
         );
         assert_eq!(set.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
         assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));
@@ -658,11 +729,78 @@ mod tests {
         assert_eq!(RuleSet::new(vec![], Limits::default()).next_scan(NOW, None), None);
     }
 
+    fn holding(pid: i32, state: State, held_secs: i64, age: i64) -> Session {
+        Session {
+            xact_start: NOW - 3600 * SEC,
+            xmin: Some(crate::policy::Xmin { xid: 100, age }),
+            xmin_since: NOW - held_secs * SEC,
+            ..client(pid, state, 0)
+        }
+    }
+
+    #[test]
+    fn snapshot_limits_measure_the_hold_and_spare_sessions_without_a_snapshot() {
+        let set = RuleSet::new(vec![], Limits { snapshot: 60 * SEC, ..Limits::default() });
+        assert!(set.measures_snapshots() && set.measures(Measure::Snapshot));
+        let idle_rr = holding(1, State::IdleInTransaction, 50, 10);
+        assert_eq!(governing(&set, &idle_rr), Some(("session_kill.snapshot_timeout".into(), NOW + 10 * SEC)));
+        let running = holding(2, State::Active, 70, 10);
+        assert_eq!(governing(&set, &running), Some(("session_kill.snapshot_timeout".into(), NOW - 10 * SEC)));
+        let no_snapshot = Session { xmin: None, ..holding(3, State::IdleInTransaction, 70, 10) };
+        assert_eq!(governing(&set, &no_snapshot), None, "idle in transaction without a snapshot");
+        let rule = rules(
+            vec![RuleRow { action: "cancel_then_terminate".into(), ..row(9, "Snapshot", 30) }],
+            Limits::default(),
+        );
+        let v = rule.verdict(&running, "shop").unwrap();
+        assert_eq!(
+            (v.rule.origin, v.deadline, v.rule.action),
+            (Origin::Row(9), NOW - 40 * SEC, Action::CancelThenTerminate)
+        );
+    }
+
+    #[test]
+    fn snapshot_xid_age_is_due_once_the_xmin_is_too_old_and_no_row_lifts_it() {
+        let limits = Limits { snapshot_xid_age: 1000, ..Limits::default() };
+        let exempt = RuleRow { priority: 100, ..row(5, "snapshot", 86_400) };
+        let set = rules(vec![exempt], limits);
+        let young = holding(1, State::IdleInTransaction, 500, 1000);
+        assert_eq!(governing(&set, &young), Some(("rule 5".into(), NOW + 85_900 * SEC)));
+        let old = holding(2, State::IdleInTransaction, 5, 1001);
+        let v = set.verdict(&old, "shop").unwrap();
+        assert_eq!(
+            (v.rule.origin.label(), v.deadline, v.rule.action),
+            ("session_kill.snapshot_xid_age".into(), NOW - 5 * SEC, Action::Terminate)
+        );
+        assert_eq!(v.rule.xid_age, 1000);
+        assert_eq!(
+            set.next_scan(NOW, None),
+            Some(NOW + XID_AGE_POLL),
+            "transaction IDs wake nobody: polled every second"
+        );
+        assert!(RuleSet::new(vec![], limits).measures_snapshots());
+    }
+
+    #[test]
+    fn snapshot_is_a_rule_state_but_snapshot_xid_age_is_not() {
+        assert_eq!(Measure::parse("snapshot").unwrap(), Measure::Snapshot);
+        let err = Measure::parse("snapshot xid age").unwrap_err();
+        assert_eq!(
+            err.hint,
+            "Valid rule states are: idle, idle in transaction, transaction, active, blocking, snapshot."
+        );
+        let s = holding(1, State::Active, 2, 1234);
+        assert_eq!(
+            Measure::Snapshot.told("2.0s", &s),
+            "holding back the xmin horizon for 2.0s (xmin age 1234)"
+        );
+    }
+
     #[test]
     fn blocking_limits_set_the_lock_watch_not_the_scans() {
         let set = rules(
             vec![row(1, "blocking", 2), row(2, "idle", 30)],
-            Limits { idle: 0, idle_in_transaction: 0, transaction: 0, blocking: SEC },
+            Limits { blocking: SEC, ..Limits::default() },
         );
         assert_eq!(set.lock_watch(), Some(SEC));
         assert_eq!(set.next_scan(NOW, None), Some(NOW + 30 * SEC));

@@ -1,6 +1,8 @@
 //! The background worker: enforces the rules of `session_kill.rules` and the limits
-//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout` and
-//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session.
+//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout`,
+//! `session_kill.transaction_timeout`, `session_kill.blocker_timeout` and the snapshot limits
+//! `session_kill.snapshot_timeout` and `session_kill.snapshot_xid_age` (see `rules.rs` for which
+//! governs, `xmin_hold.rs` for how long a snapshot has been held) on every client session.
 //! Instead of polling it sleeps on its latch until the earliest deadline (or until the shortest
 //! timeout has passed, since nothing that enters a state later can expire sooner). With
 //! `session_kill.max_connection_usage` set it also ends the longest-idle sessions when client
@@ -16,10 +18,11 @@ use crate::lock_graph;
 use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
-use crate::rules::{Action, MatchCache, Measure, Origin, Rule, RuleSet};
+use crate::rules::{Action, MatchCache, Measure, Origin, Rule, RuleSet, Verdict};
 use crate::shmem;
 use crate::signal::{self, Signal};
 use crate::sync;
+use crate::xmin_hold::Sightings;
 use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -156,6 +159,8 @@ struct Worker {
     full_scan_at: Option<Micros>,
     lock_watch: Option<Micros>,
     wake_requests_seen: u64,
+    /// Each backend's xmin at the last scan, while a snapshot limit is in force.
+    sightings: Sightings,
 }
 
 impl Default for Worker {
@@ -175,6 +180,7 @@ impl Default for Worker {
             full_scan_at: None,
             lock_watch: None,
             wake_requests_seen: 0,
+            sightings: Sightings::default(),
         }
     }
 }
@@ -273,6 +279,7 @@ impl Worker {
         let read = backends::sessions();
         let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
+        let read = self.watch_snapshots(&rules, read, now);
         let sessions: HashMap<i32, Session> = read
             .into_iter()
             .map(|(pid, s)| {
@@ -351,6 +358,30 @@ impl Worker {
         earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
+    /// While some limit measures snapshots, gives each session since when its xmin has held
+    /// back the horizon, by what earlier scans saw (see `xmin_hold.rs`), and records and
+    /// publishes what this scan saw. Otherwise stops watching: a later watch starts afresh.
+    fn watch_snapshots(
+        &mut self,
+        rules: &RuleSet,
+        mut read: HashMap<i32, Session>,
+        now: Micros,
+    ) -> HashMap<i32, Session> {
+        if !rules.measures_snapshots() {
+            if !self.sightings.is_empty() {
+                self.sightings = Sightings::default();
+                shmem::publish_sightings(&self.sightings);
+            }
+            return read;
+        }
+        for s in read.values_mut() {
+            s.xmin_since = self.sightings.held_since(s);
+        }
+        self.sightings.record(read.values(), now);
+        shmem::publish_sightings(&self.sightings);
+        read
+    }
+
     /// The published rows of `session_kill.rules` (parsed again only when republished) and the
     /// settings, as one rule set.
     fn rules(&mut self) -> RuleSet {
@@ -378,28 +409,14 @@ impl Worker {
         let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
         fresh.session.blocking_since =
             self.blocking_since(rules, false).get(&chosen.pid).copied().unwrap_or(0);
+        if rules.measures_snapshots() {
+            fresh.session.xmin_since = self.sightings.held_since(&fresh.session);
+        }
         fresh.session = self.clock.corrected(&fresh.session);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
         let rule = verdict.rule.origin.label();
-        let limit = match verdict.rule.origin {
-            Origin::Row(_) => format!(
-                "{rule} ({} longer than {})",
-                verdict.rule.measure.label(),
-                args::interval(verdict.rule.timeout)
-            ),
-            Origin::Setting(_) => rule.clone(),
-        };
-        let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
-        let over = match verdict.rule.origin {
-            Origin::Row(_) if !verdict.rule.comment.is_empty() => {
-                format!("{rule} ({})", escape(&verdict.rule.comment))
-            }
-            Origin::Row(_) => rule.clone(),
-            Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
-        };
-        let measured = now - (verdict.deadline - verdict.rule.timeout);
-        let told = format!("{}, over {over}", verdict.rule.measure.told(&duration_text(measured)));
+        let (why, told) = explain(&verdict, &fresh.session, now);
         match self.cancelled.get(&key(chosen)) {
             Some(grace_end) if now < *grace_end => return Some(*grace_end),
             Some(_) => {}
@@ -528,4 +545,34 @@ impl Worker {
         };
         acting.finish(&subject, &progress, outcome);
     }
+}
+
+/// Why the worker ends a session past `verdict`'s deadline: for the log line and the audit row,
+/// and as its client is told (after `session_kill: `).
+fn explain(verdict: &Verdict, s: &Session, now: Micros) -> (String, String) {
+    let rule = verdict.rule.origin.label();
+    let measure = verdict.rule.measure;
+    let xid_age = verdict.rule.xid_age;
+    let age = s.xmin.map_or(0, |x| x.age);
+    let limit = match verdict.rule.origin {
+        Origin::Row(_) => {
+            format!("{rule} ({} longer than {})", measure.label(), args::interval(verdict.rule.timeout))
+        }
+        Origin::Setting(_) => rule.clone(),
+    };
+    let why = if measure == Measure::SnapshotXidAge {
+        format!("{limit} exceeded: xmin age {age} is over {xid_age}")
+    } else {
+        format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0)
+    };
+    let over = match verdict.rule.origin {
+        Origin::Row(_) if !verdict.rule.comment.is_empty() => {
+            format!("{rule} ({})", escape(&verdict.rule.comment))
+        }
+        Origin::Row(_) => rule.clone(),
+        Origin::Setting(_) if measure == Measure::SnapshotXidAge => format!("{rule} ({xid_age})"),
+        Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
+    };
+    let measured = now - (verdict.deadline - verdict.rule.timeout);
+    (why, format!("{}, over {over}", measure.told(&duration_text(measured), s)))
 }
