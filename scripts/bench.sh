@@ -3,7 +3,8 @@
 # benchmarks/results.md, one section per group of benchmark programs (pg_test/src/bin):
 #   core       bench_kill, bench_drain, bench_worker
 #   blockers   bench_blockers
-#   login      bench_login (pgbench -C with and without the library; the worker's scan per session)
+#   login      bench_login (pgbench -C with and without the library), bench_scan (the worker's scan
+#              per session under 1 and 256 rules)
 #   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
 #   standby    bench_standby (replay-lag limit on a real streaming standby; SESSION_KILL_BENCH_ROUNDS)
 # Usage: scripts/bench.sh [--only GROUP] [15|16|18 ...]   (default: every group, all three majors)
@@ -20,7 +21,7 @@ for var in SESSION_KILL_BENCH_ROUNDS SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CO
 done
 source scripts/common.sh
 all_groups=(core blockers login pgbouncer standby)
-declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers" [login]="bench_login"
+declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers" [login]="bench_login bench_scan"
   [pgbouncer]="bench_pgbouncer" [standby]="bench_standby")
 groups=("${all_groups[@]}")
 if [[ ${1:-} == --only ]]; then
@@ -63,7 +64,7 @@ header_blockers() {
 header_login() {
   echo "## The cost on every login ($stamp)"
   echo
-  echo "Command: \`$command\` (pg_test/src/bin/bench_login.rs; release build of the extension)."
+  echo "Command: \`$command\` (pg_test/src/bin/bench_login.rs and bench_scan.rs; release build of the extension)."
   echo
 }
 

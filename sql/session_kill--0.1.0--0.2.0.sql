@@ -1,9 +1,10 @@
 -- session_kill 0.1.0 -> 0.2.0 (ALTER EXTENSION session_kill UPDATE)
 --
--- 0.2.0 adds blockers(), kill_sessions(..., blocking interval), and the worker view's columns
--- audit_dropped, sync_failures and sync_retry_at. The tables (rules, log) are unchanged and keep
--- their rows. A function whose arguments or result change is dropped and created again; the
--- EXECUTE and SELECT rights granted on it are carried over.
+-- 0.2.0 adds blockers(), horizon(), kill_sessions(..., blocking interval), the columns xmin_age
+-- and xmin_held_for of sessions(), and the worker view's columns audit_dropped, sync_failures and
+-- sync_retry_at. The tables (rules, log) keep their rows; the rules' state column comment names
+-- the new states blocking, snapshot and replay_lag. A function whose arguments or result change is dropped
+-- and created again; the EXECUTE and SELECT rights granted on it are carried over.
 \echo Use "ALTER EXTENSION session_kill UPDATE" to load this file. \quit
 
 -- Rights granted on the objects that are replaced, as GRANT statements run again below.
@@ -17,6 +18,10 @@ FROM (
            p.proacl AS acl, p.proowner AS owner
       FROM pg_catalog.pg_proc p
      WHERE p.oid = 'session_kill.kill_sessions(name, text, interval, name, text, cidr, text[], interval, interval, boolean, boolean, text)'::pg_catalog.regprocedure
+    UNION ALL
+    SELECT 'FUNCTION', 'session_kill.sessions(name)', p.proacl, p.proowner
+      FROM pg_catalog.pg_proc p
+     WHERE p.oid = 'session_kill.sessions(name)'::pg_catalog.regprocedure
     UNION ALL
     SELECT 'TABLE', 'session_kill.worker', c.relacl, c.relowner
       FROM pg_catalog.pg_class c
@@ -102,6 +107,53 @@ VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'blockers_wrapper';
 GRANT EXECUTE ON FUNCTION session_kill.blockers(name) TO PUBLIC;
+
+-- sessions(): two more columns at the end, xmin_age and xmin_held_for.
+DROP FUNCTION session_kill.sessions(name);
+CREATE FUNCTION session_kill.sessions(
+    "db" name DEFAULT NULL
+) RETURNS TABLE (
+    "pid" INT,
+    "datname" name,
+    "usename" name,
+    "application_name" TEXT,
+    "client_addr" inet,
+    "backend_type" TEXT,
+    "state" TEXT,
+    "backend_start" timestamp with time zone,
+    "xact_start" timestamp with time zone,
+    "query_start" timestamp with time zone,
+    "state_change" timestamp with time zone,
+    "idle_for" interval,
+    "xact_age" interval,
+    "query" TEXT,
+    "protected" TEXT,
+    "xmin_age" INT,
+    "xmin_held_for" interval
+)
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'sessions_wrapper';
+GRANT EXECUTE ON FUNCTION session_kill.sessions(name) TO PUBLIC;
+
+-- horizon(): new, listing only, public like sessions().
+CREATE FUNCTION session_kill.horizon() RETURNS TABLE (
+    "kind" TEXT,
+    "pid" INT,
+    "name" TEXT,
+    "datname" name,
+    "xmin" xid,
+    "xmin_age" INT,
+    "held_for" interval,
+    "can_end" bool,
+    "detail" TEXT
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'horizon_wrapper';
+GRANT EXECUTE ON FUNCTION session_kill.horizon() TO PUBLIC;
+
+COMMENT ON COLUMN session_kill.rules.state IS 'idle, idle in transaction, transaction (age of the open transaction), active (running statement), blocking (holding up a lock request), snapshot (holding back the xmin horizon) or replay_lag (holding back replay on a hot standby)';
 
 DO $$
 DECLARE

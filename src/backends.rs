@@ -5,7 +5,7 @@
 //! re-reads inside one call (re-checks, waits) see live data.
 
 use crate::lock_graph::{LockEntry, LockTag, MAX_MODE};
-use crate::policy::{BackendKind, Micros, Session, State};
+use crate::policy::{BackendKind, Micros, Session, State, Xmin};
 use crate::signal;
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -22,38 +22,58 @@ pub struct Backend {
     pub query: Option<String>,
     /// The caller may see this backend's details, by `pg_stat_activity`'s rule.
     pub visible: bool,
+    /// Its transaction ID (`backend_xid`), 0 when none is assigned.
+    pub xid: u32,
+}
+
+/// A status entry with the transaction IDs read from the backend's PGPROC, as
+/// `pg_stat_activity` pairs them.
+struct Entry {
+    status: pg_sys::PgBackendStatus,
+    xid: u32,
+    xmin: u32,
 }
 
 /// Every backend right now.
 pub fn snapshot() -> Vec<Backend> {
     let mut roles = RoleCache::default();
-    raw_entries().iter().map(|entry| describe(entry, &mut roles)).collect()
+    let next = next_xid();
+    raw_entries().iter().map(|entry| describe(entry, next, &mut roles)).collect()
 }
 
 /// Every live backend's session facts right now, by PID.
 pub fn sessions() -> HashMap<i32, Session> {
     let mut roles = RoleCache::default();
-    raw_entries().iter().map(|e| (e.st_procpid, session_of(e, &mut roles))).collect()
+    let next = next_xid();
+    raw_entries().iter().map(|e| (e.status.st_procpid, session_of(e, next, &mut roles))).collect()
 }
 
 /// The backend with this PID right now, read from its own live entry in shared memory (not the
 /// cached snapshot): what a re-check just before signalling needs, at O(1) per session.
 pub fn live_session(pid: i32) -> Option<Session> {
     let entry = live_entry(pid, false)?;
-    (entry.st_procpid == pid).then(|| session_of(&entry, &mut RoleCache::default()))
+    (entry.status.st_procpid == pid).then(|| session_of(&entry, next_xid(), &mut RoleCache::default()))
 }
 
 /// Like `live_session`, with the database name and the query: what an audit entry records.
 pub fn live_backend(pid: i32) -> Option<Backend> {
     let entry = live_entry(pid, true)?;
-    (entry.st_procpid == pid).then(|| describe(&entry, &mut RoleCache::default()))
+    (entry.status.st_procpid == pid).then(|| describe(&entry, next_xid(), &mut RoleCache::default()))
+}
+
+/// The next transaction ID to be assigned (32 bits), what ages are counted from.
+pub fn next_xid() -> u32 {
+    // SAFETY: ReadNextFullTransactionId reads the shared counter under XidGenLock; it works on
+    // primaries and hot standbys alike.
+    unsafe { pg_sys::ReadNextFullTransactionId() }.value as u32
 }
 
 /// Copies one backend's shared status entry with the server's read protocol: retry until the
 /// entry's change counter is even and unchanged around the copy. Strings are copied inside the
 /// protocol too (the query only `with_query`); the returned entry's string pointers point at
-/// those copies (palloc'd).
-fn live_entry(pid: i32, with_query: bool) -> Option<pg_sys::PgBackendStatus> {
+/// those copies (palloc'd). The transaction IDs are read from its PGPROC right after, as
+/// `pgstat_read_current_status` does.
+fn live_entry(pid: i32, with_query: bool) -> Option<Entry> {
     // SAFETY: the status array is one contiguous PgBackendStatus[] in shared memory indexed by
     // proc number (PG 17+) or backend id - 1 (PG 15/16), and MyBEEntry is our own element of it,
     // so `MyBEEntry - my_index + index` is the target's element. The target may exit meanwhile:
@@ -83,7 +103,12 @@ fn live_entry(pid: i32, with_query: bool) -> Option<pg_sys::PgBackendStatus> {
             fence(Ordering::Acquire);
             let after = std::ptr::read_volatile(&(*shared).st_changecount);
             if before == after && before % 2 == 0 {
-                return Some(entry);
+                // Aligned 32-bit fields that their backend alone sets (PostgreSQL's own readers
+                // of a PGPROC's xmin read it without a lock too); a PGPROC stays in place when its
+                // backend exits, so a stale read is of an ID, never of freed memory.
+                let xid = std::ptr::read_volatile(&(*proc).xid).into_inner();
+                let xmin = std::ptr::read_volatile(&(*proc).xmin).into_inner();
+                return Some(Entry { status: entry, xid, xmin });
             }
             pgrx::check_for_interrupts!();
         }
@@ -131,7 +156,10 @@ pub fn in_recovery() -> bool {
 
 /// The PID of the startup process, which replays WAL on a standby; `None` outside recovery.
 pub fn startup_pid() -> Option<i32> {
-    raw_entries().iter().find(|e| e.st_backendType == pg_sys::BackendType::B_STARTUP).map(|e| e.st_procpid)
+    raw_entries()
+        .iter()
+        .find(|e| e.status.st_backendType == pg_sys::BackendType::B_STARTUP)
+        .map(|e| e.status.st_procpid)
 }
 
 /// This backend: its PID and start time, which together never name another process.
@@ -146,9 +174,10 @@ pub fn now() -> Micros {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// Copies of the live status entries. Strings inside point into the transaction-local snapshot,
-/// which stays valid until the next clear, i.e. until the next call here.
-fn raw_entries() -> Vec<pg_sys::PgBackendStatus> {
+/// Copies of the live status entries, with the transaction IDs the server read beside each.
+/// Strings inside point into the transaction-local snapshot, which stays valid until the next
+/// clear, i.e. until the next call here.
+fn raw_entries() -> Vec<Entry> {
     // SAFETY: clearing and rebuilding the local snapshot is what pg_stat_get_activity does
     // between transactions; the entries are plain copies we only read.
     unsafe {
@@ -156,8 +185,12 @@ fn raw_entries() -> Vec<pg_sys::PgBackendStatus> {
         let count = pg_sys::pgstat_fetch_stat_numbackends();
         (1..=count)
             .filter_map(|i| local_entry(i).as_ref())
-            .map(|local| local.backendStatus)
-            .filter(|status| status.st_procpid > 0)
+            .map(|local| Entry {
+                status: local.backendStatus,
+                xid: local.backend_xid.into_inner(),
+                xmin: local.backend_xmin.into_inner(),
+            })
+            .filter(|e| e.status.st_procpid > 0)
             .collect()
     }
 }
@@ -200,7 +233,8 @@ impl RoleCache {
     }
 }
 
-fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
+fn session_of(entry: &Entry, next_xid: u32, roles: &mut RoleCache) -> Session {
+    let e = &entry.status;
     // SAFETY: MyProcPid is set for the life of the backend.
     let my_pid = unsafe { pg_sys::MyProcPid };
     let role = roles.get(e.st_userid);
@@ -221,17 +255,21 @@ fn session_of(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Session {
         caller_may_signal: role.may_signal,
         blocking_since: 0,
         replay_held_since: 0,
+        xmin: Xmin::read(entry.xmin, next_xid),
+        xmin_since: 0,
     }
 }
 
-fn describe(e: &pg_sys::PgBackendStatus, roles: &mut RoleCache) -> Backend {
-    let session = session_of(e, roles);
+fn describe(entry: &Entry, next_xid: u32, roles: &mut RoleCache) -> Backend {
+    let e = &entry.status;
+    let session = session_of(entry, next_xid, roles);
     let datname = (e.st_databaseid != pg_sys::InvalidOid).then(|| database_name(e.st_databaseid)).flatten();
     Backend {
         datname,
         backend_type: backend_type_name(e),
         query: clipped_query(e.st_activity_raw),
         visible: roles.get(e.st_userid).may_see,
+        xid: entry.xid,
         session,
     }
 }

@@ -58,6 +58,7 @@ impl StepSafeClock {
             &mut fixed.xact_start,
             &mut fixed.query_start,
             &mut fixed.blocking_since,
+            &mut fixed.xmin_since,
         ] {
             *stamp = self.correct(s.pid, s.backend_start, *stamp);
         }
@@ -116,6 +117,8 @@ mod tests {
             caller_may_signal: true,
             blocking_since: 0,
             replay_held_since: 0,
+            xmin: None,
+            xmin_since: 0,
         }
     }
 

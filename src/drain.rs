@@ -483,6 +483,8 @@ fn starting_session(login: &Admission, database_oid: u32) -> Session {
         caller_may_signal: signal::may_signal_role(role),
         blocking_since: 0,
         replay_held_since: 0,
+        xmin: None,
+        xmin_since: 0,
     }
 }
 

@@ -34,6 +34,17 @@ pub static TRANSACTION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// running statement is cancelled first if the rule says so. 0 turns it off.
 pub static BLOCKER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `session_kill.snapshot_timeout`: ends a session whose snapshot (`backend_xmin`) has held back
+/// the xmin horizon, and so vacuum everywhere, for longer than this: a running statement is
+/// terminated (a `snapshot` rule may cancel it first), a session idle in a transaction is
+/// terminated. How long a snapshot has been held is defined in `xmin_hold.rs`. 0 turns it off.
+pub static SNAPSHOT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `session_kill.snapshot_xid_age`: likewise once `age(backend_xmin)` exceeds this many
+/// transactions. While set, the worker looks at every session at least once a second
+/// (`rules::XID_AGE_POLL`). 0 turns it off.
+pub static SNAPSHOT_XID_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// `session_kill.replay_lag_timeout`: on a hot standby, cancels the statements of client sessions
 /// that have held back the replay of WAL for longer than this (the startup process waits in a
 /// recovery conflict with them, see `replay.rs`), and terminates a session still in the way 5 s
@@ -87,6 +98,11 @@ pub fn register() {
             &BLOCKER_TIMEOUT,
         ),
         (
+            c"session_kill.snapshot_timeout",
+            c"Ends client sessions whose snapshot has held back the xmin horizon for longer than this (0 turns it off).",
+            &SNAPSHOT_TIMEOUT,
+        ),
+        (
             c"session_kill.replay_lag_timeout",
             c"On a hot standby, cancels queries that have held back replay for longer than this (0 turns it off).",
             &REPLAY_LAG_TIMEOUT,
@@ -119,6 +135,16 @@ pub fn register() {
             None,
         );
     }
+    GucRegistry::define_int_guc(
+        c"session_kill.snapshot_xid_age",
+        c"Ends client sessions whose snapshot is older than this many transactions (0 turns it off).",
+        c"Enforced by the session_kill background worker, which then looks at every session once a second; clients cannot change it.",
+        &SNAPSHOT_XID_AGE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_float_guc(
         c"session_kill.max_connection_usage",
         c"Share of max_connections above which the session_kill worker ends the longest-idle sessions (0 turns it off).",
@@ -197,6 +223,8 @@ pub fn limits() -> crate::rules::Limits {
         idle_in_transaction: micros(&IDLE_IN_TRANSACTION_TIMEOUT),
         transaction: micros(&TRANSACTION_TIMEOUT),
         blocking: micros(&BLOCKER_TIMEOUT),
+        snapshot: micros(&SNAPSHOT_TIMEOUT),
+        snapshot_xid_age: i64::from(SNAPSHOT_XID_AGE.get()),
         replay_lag: micros(&REPLAY_LAG_TIMEOUT),
     }
 }

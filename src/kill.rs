@@ -9,13 +9,13 @@ use crate::audit;
 use crate::backends::{self, Backend};
 use crate::counters::Source;
 use crate::errors::{null_argument, or_raise, raise};
-use crate::gucs;
 use crate::policy::{
     query_still_running, Cidr, DatabaseScope, Filter, LikePattern, Micros, Mode, Outcome, Protections,
     Recheck, Session, State,
 };
 use crate::signal::{self, Signal};
 use crate::sqltypes::{self, Name, Text};
+use crate::{gucs, shmem};
 use pgrx::datum::{Array, Inet, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -25,6 +25,8 @@ const MODES_HINT: &str = "Valid modes are: cancel, terminate, cancel_then_termin
 
 /// One row per backend (all databases when `db` is NULL), read straight from shared memory.
 /// `protected` is NULL when `kill_sessions` could act on the session, otherwise the reason.
+/// `xmin_age` is `age(backend_xmin)` in transactions and `xmin_held_for` how long that xmin has
+/// held back the horizon (see `xmin_hold.rs`); both NULL without an xmin.
 #[pg_extern(volatile, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 fn sessions(
@@ -47,15 +49,22 @@ fn sessions(
         name!(xact_age, Option<Interval>),
         name!(query, Option<String>),
         name!(protected, Option<String>),
+        name!(xmin_age, Option<i32>),
+        name!(xmin_held_for, Option<Interval>),
     ),
 > {
     crate::args::require_current_catalog();
     let scope = db.map(|name| database_oid(&name.0));
     let protections = gucs::protections(false);
+    let sightings = shmem::sightings();
     let now = backends::now();
     let mut backends: Vec<Backend> = backends::snapshot()
         .into_iter()
         .filter(|b| scope.is_none_or(|oid| b.session.database_oid == oid))
+        .map(|mut b| {
+            b.session.xmin_since = sightings.held_since(&b.session);
+            b
+        })
         .collect();
     backends.sort_by_key(|b| b.session.pid);
     TableIterator::new(backends.into_iter().map(move |b| {
@@ -77,6 +86,8 @@ fn sessions(
             s.xact_age(now).filter(|_| shown).map(interval),
             if shown { b.query.clone() } else { Some("<insufficient privilege>".to_owned()) },
             protections.protection(s).map(|p| p.label().to_owned()),
+            s.xmin.map(|x| x.age as i32),
+            s.xmin_held_for(now).filter(|_| shown).map(interval),
         )
     }))
 }

@@ -17,6 +17,7 @@ mod errors;
 mod fixed;
 mod gate;
 mod gucs;
+mod horizon;
 mod kill;
 mod lock_graph;
 mod make_way;
@@ -32,6 +33,7 @@ mod standby;
 mod stats;
 mod sync;
 mod worker;
+mod xmin_hold;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -58,6 +60,7 @@ REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_kill FROM PUBLIC;
 GRANT USAGE ON SCHEMA session_kill TO PUBLIC;
 GRANT EXECUTE ON FUNCTION session_kill.sessions(name) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION session_kill.blockers(name) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION session_kill.horizon() TO PUBLIC;
 -- Whoever is granted rights on session_kill.rules must pass its row check.
 GRANT EXECUTE ON FUNCTION session_kill.check_rule(text, text, text, text, text, interval, text, interval) TO PUBLIC;
 "#,

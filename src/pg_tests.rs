@@ -69,6 +69,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn own_xmin_is_read_like_pg_stat_activity_and_horizon_leaves_the_caller_out() {
+        let own_pid = unsafe { pg_sys::MyProcPid };
+        let shown: String =
+            Spi::get_one("SELECT backend_xmin::text FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                .unwrap()
+                .expect("a statement runs: the backend holds a snapshot");
+        let from_snapshot =
+            backends::snapshot().into_iter().find(|b| b.session.pid == own_pid).unwrap().session;
+        let live = backends::live_session(own_pid).unwrap();
+        assert_eq!(from_snapshot.xmin.map(|x| x.xid.to_string()), Some(shown.clone()));
+        assert_eq!(live.xmin.map(|x| x.xid.to_string()), Some(shown));
+        let listed: Option<bool> = Spi::get_one(
+            "SELECT xmin_age IS NOT NULL AND xmin_held_for IS NOT NULL FROM session_kill.sessions()
+              WHERE pid = pg_backend_pid()",
+        )
+        .unwrap();
+        assert_eq!(listed, Some(true));
+        let in_horizon: Option<i64> =
+            Spi::get_one("SELECT count(*) FROM session_kill.horizon() WHERE pid = pg_backend_pid()").unwrap();
+        assert_eq!(in_horizon, Some(0), "the caller's own snapshot is left out");
+    }
+
+    #[pg_test]
     fn system_processes_are_not_client_sessions() {
         let checkpointer: i32 =
             Spi::get_one("SELECT pid FROM session_kill.sessions() WHERE backend_type = 'checkpointer'")

@@ -5,6 +5,7 @@
 //! Timestamps are PostgreSQL `TimestampTz` values (microseconds since 2000-01-01); 0 means unset,
 //! as in the server's backend status entries.
 
+pub use crate::xmin_hold::Xmin;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -276,6 +277,11 @@ pub struct Session {
     /// On a hot standby, since when the session has held back replay (see `replay.rs`); 0 when
     /// it does not, or when not looked up.
     pub replay_held_since: Micros,
+    /// The oldest xmin of the snapshots it holds (`backend_xmin`), with its age.
+    pub xmin: Option<Xmin>,
+    /// Since when that xmin has held back the horizon (see `xmin_hold.rs`); 0 without one, or
+    /// when not looked up.
+    pub xmin_since: Micros,
 }
 
 impl Session {
@@ -290,6 +296,11 @@ impl Session {
     /// Age of the open transaction; `None` outside a transaction.
     pub fn xact_age(&self, now: Micros) -> Option<Micros> {
         (self.xact_start != 0).then(|| (now - self.xact_start).max(0))
+    }
+
+    /// How long its xmin has held back the horizon; `None` without an xmin or when unknown.
+    pub fn xmin_held_for(&self, now: Micros) -> Option<Micros> {
+        (self.xmin.is_some() && self.xmin_since != 0).then(|| (now - self.xmin_since).max(0))
     }
 
     /// `pid 42 (database shop, user app, application "psql", state idle)`, for log lines and
@@ -631,6 +642,8 @@ pub(crate) mod test_support {
             caller_may_signal: true,
             blocking_since: 0,
             replay_held_since: 0,
+            xmin: None,
+            xmin_since: 0,
         }
     }
 }

@@ -195,7 +195,7 @@ COMMENT ON COLUMN session_kill.rules.database IS 'LIKE pattern on the database n
 COMMENT ON COLUMN session_kill.rules.role IS 'LIKE pattern on the role name';
 COMMENT ON COLUMN session_kill.rules.application IS 'LIKE pattern on application_name';
 COMMENT ON COLUMN session_kill.rules.client_addr IS 'Client network; NULL matches every client, Unix sockets included';
-COMMENT ON COLUMN session_kill.rules.state IS 'idle, idle in transaction, transaction (age of the open transaction) or active (running statement)';
+COMMENT ON COLUMN session_kill.rules.state IS 'idle, idle in transaction, transaction (age of the open transaction), active (running statement), blocking (holding up a lock request), snapshot (holding back the xmin horizon) or replay_lag (holding back replay on a hot standby)';
 COMMENT ON COLUMN session_kill.rules.timeout IS 'How long a session may stay in that state';
 COMMENT ON COLUMN session_kill.rules.action IS 'terminate, or cancel_then_terminate (cancel the statement, terminate after grace if still over)';
 

@@ -4,14 +4,18 @@
 //! Rules compete within their kind (their `state` column). For each kind that applies to a
 //! session right now ('idle' to idle sessions, 'idle in transaction' to sessions idle inside a
 //! transaction, 'active' to running ones, 'transaction' to any session inside a transaction,
-//! 'blocking' to a session that holds up another's lock request and waits for no lock itself), the
-//! enabled rule of that kind whose patterns match and whose priority is highest governs (among
-//! equal priorities, the one whose deadline comes first). The session then runs into the earliest
-//! of those deadlines. A high-priority rule with a long timeout is therefore how an exception is
-//! written, and it only lifts limits of its own kind.
+//! 'blocking' to a session that holds up another's lock request and waits for no lock itself,
+//! 'snapshot' to a session whose snapshot holds back the xmin horizon), the enabled rule of that
+//! kind whose patterns match and whose priority is highest governs (among equal priorities, the
+//! one whose deadline comes first). The session then runs into the earliest of those deadlines.
+//! A high-priority rule with a long timeout is therefore how an exception is written, and it only
+//! lifts limits of its own kind. `session_kill.snapshot_xid_age` is a kind of its own, which no
+//! row can set or lift: it counts transactions, not time.
 
 use crate::fixed::FixedText;
 use crate::policy::{parse_label, Cidr, InputError, LikePattern, Micros, Session, State};
+use std::collections::HashMap;
+use std::net::IpAddr;
 
 /// What a rule's timeout measures: the rule's `state` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,11 @@ pub enum Measure {
     /// Holding up another session in the lock manager (and waiting for no lock itself), since
     /// the longest-waiting of those it holds up began to wait.
     Blocking,
+    /// Holding back the xmin horizon with a snapshot, since it was taken (see `xmin_hold.rs`).
+    Snapshot,
+    /// Holding back the xmin horizon by more than a number of transactions
+    /// (`session_kill.snapshot_xid_age`); not a rule state.
+    SnapshotXidAge,
     /// On a hot standby, holding back the replay of WAL: the startup process waits in a recovery
     /// conflict with the session (see `replay.rs`), since the worker first saw it wait there (or
     /// first saw this session responsible, if that came later in the same wait).
@@ -34,12 +43,24 @@ pub enum Measure {
 }
 
 impl Measure {
-    const ALL: [Measure; 6] = [
+    /// What `session_kill.rules.state` may say.
+    const STATES: [Measure; 7] = [
         Measure::Idle,
         Measure::IdleInTransaction,
         Measure::Transaction,
         Measure::Active,
         Measure::Blocking,
+        Measure::Snapshot,
+        Measure::ReplayLag,
+    ];
+    const ALL: [Measure; 8] = [
+        Measure::Idle,
+        Measure::IdleInTransaction,
+        Measure::Transaction,
+        Measure::Active,
+        Measure::Blocking,
+        Measure::Snapshot,
+        Measure::SnapshotXidAge,
         Measure::ReplayLag,
     ];
 
@@ -50,24 +71,30 @@ impl Measure {
             Measure::Transaction => "transaction",
             Measure::Active => "active",
             Measure::Blocking => "blocking",
+            Measure::Snapshot => "snapshot",
+            Measure::SnapshotXidAge => "snapshot xid age",
             Measure::ReplayLag => "replay_lag",
         }
     }
 
-    /// What the session was doing for the measured time `how_long`, as its client is told.
-    pub fn told(self, how_long: &str) -> String {
+    /// What the session `s` was doing for the measured time `how_long`, as its client is told.
+    pub fn told(self, how_long: &str, s: &Session) -> String {
+        let age = s.xmin.map_or(0, |x| x.age);
         match self {
             Measure::Idle => format!("idle for {how_long}"),
             Measure::IdleInTransaction => format!("idle in transaction for {how_long}"),
             Measure::Transaction => format!("in a transaction for {how_long}"),
             Measure::Active => format!("running a statement for {how_long}"),
             Measure::Blocking => format!("holding up another session's lock request for {how_long}"),
+            Measure::Snapshot | Measure::SnapshotXidAge => {
+                format!("holding back the xmin horizon for {how_long} (xmin age {age})")
+            }
             Measure::ReplayLag => format!("holding back replay on this standby for {how_long}"),
         }
     }
 
     pub fn parse(text: &str) -> Result<Measure, InputError> {
-        parse_label(text, &Measure::ALL, Measure::label, "rule state", "rule states")
+        parse_label(text, &Measure::STATES, Measure::label, "rule state", "rule states")
     }
 
     /// Since when `s` has been in the measured condition; `None` when it is not in it.
@@ -80,6 +107,7 @@ impl Measure {
             (Measure::Transaction, _) => s.xact_start,
             (Measure::Active, state) if state.is_running() => s.query_start,
             (Measure::Blocking, _) => s.blocking_since,
+            (Measure::Snapshot | Measure::SnapshotXidAge, _) if s.xmin.is_some() => s.xmin_since,
             (Measure::ReplayLag, _) => s.replay_held_since,
             _ => return None,
         };
@@ -169,6 +197,8 @@ pub struct Rule {
     /// Settings rank below every row, whatever its priority.
     priority: i64,
     pub comment: String,
+    /// `SnapshotXidAge` only: applies once the xmin is older than this many transactions.
+    pub xid_age: i64,
 }
 
 impl Rule {
@@ -215,11 +245,13 @@ impl Rule {
             grace: row.grace,
             priority: i64::from(row.priority),
             comment: row.comment.clone(),
+            xid_age: 0,
         })
     }
 
-    /// The rule a setting stands for: every session, below every row. Settings terminate, except
-    /// `session_kill.replay_lag_timeout`, which cancels first (see `Limits::replay_lag`).
+    /// The rule a setting stands for: every session, terminate, below every row.
+    /// Settings terminate, except `session_kill.replay_lag_timeout`, which cancels first (see
+    /// `Limits::replay_lag`).
     fn setting(name: &'static str, measure: Measure, timeout: Micros) -> Rule {
         let (action, grace) = match measure {
             Measure::ReplayLag => (Action::CancelThenTerminate, REPLAY_LAG_SETTING_GRACE),
@@ -238,10 +270,26 @@ impl Rule {
             grace,
             priority: i64::MIN,
             comment: String::new(),
+            xid_age: 0,
         }
     }
 
+    /// How often the worker must look at sessions for this rule: its timeout, except for the
+    /// transaction-counting `snapshot_xid_age`, which nothing wakes the worker for.
+    fn poll_interval(&self) -> Micros {
+        match self.measure {
+            Measure::SnapshotXidAge => XID_AGE_POLL,
+            _ => self.timeout,
+        }
+    }
+
+    /// For `snapshot_xid_age`, the session's xmin is old enough; every other rule, always.
+    fn reached_xid_age(&self, s: &Session) -> bool {
+        self.measure != Measure::SnapshotXidAge || s.xmin.is_some_and(|x| x.age > self.xid_age)
+    }
+
     /// The patterns match `s` (connected to database `datname`); a network needs a TCP client.
+    /// What only the session's identity decides, so a scan may remember it (`MatchCache`).
     fn matches(&self, s: &Session, datname: &str) -> bool {
         self.database.matches(datname)
             && self.role.matches(s.role.as_deref().unwrap_or(""))
@@ -250,6 +298,10 @@ impl Rule {
     }
 }
 
+/// While `session_kill.snapshot_xid_age` is set, the worker looks at every session at least this
+/// often: transaction IDs are assigned without waking it.
+pub const XID_AGE_POLL: Micros = 1_000_000;
+
 /// The limits set in postgresql.conf (`session_kill.idle_timeout` and friends); 0 turns one off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -257,6 +309,9 @@ pub struct Limits {
     pub idle_in_transaction: Micros,
     pub transaction: Micros,
     pub blocking: Micros,
+    pub snapshot: Micros,
+    /// In transactions, not time.
+    pub snapshot_xid_age: i64,
     /// `session_kill.replay_lag_timeout`: unlike the other settings it cancels the statement
     /// first (as PostgreSQL's own `max_standby_streaming_delay` does) and terminates the session
     /// only if it still holds replay back `REPLAY_LAG_SETTING_GRACE` later.
@@ -271,6 +326,14 @@ pub const REPLAY_LAG_SETTING_GRACE: Micros = 5_000_000;
 pub struct Verdict<'a> {
     pub rule: &'a Rule,
     pub deadline: Micros,
+}
+
+/// Which rules match each identity (database, role, application, client address) seen in one
+/// scan: the sessions of a pool share one, so a scan under many rules matches their patterns
+/// once per identity, not once per session. Valid for one rule set and one scan.
+#[derive(Default)]
+pub struct MatchCache {
+    matching: HashMap<(u32, Option<String>, String, Option<IpAddr>), Vec<usize>>,
 }
 
 /// Every enabled rule, highest priority first.
@@ -291,12 +354,20 @@ impl RuleSet {
                 ),
                 ("session_kill.transaction_timeout", Measure::Transaction, settings.transaction),
                 ("session_kill.blocker_timeout", Measure::Blocking, settings.blocking),
+                ("session_kill.snapshot_timeout", Measure::Snapshot, settings.snapshot),
                 ("session_kill.replay_lag_timeout", Measure::ReplayLag, settings.replay_lag),
             ]
             .into_iter()
             .filter(|(_, _, timeout)| *timeout > 0)
             .map(|(name, measure, timeout)| Rule::setting(name, measure, timeout)),
         );
+        if settings.snapshot_xid_age > 0 {
+            // Due as soon as the xmin is too old: a deadline of the hold's start.
+            rows.push(Rule {
+                xid_age: settings.snapshot_xid_age,
+                ..Rule::setting("session_kill.snapshot_xid_age", Measure::SnapshotXidAge, 0)
+            });
+        }
         rows.sort_by_key(|r| std::cmp::Reverse(r.priority));
         RuleSet { rules: rows }
     }
@@ -310,19 +381,40 @@ impl RuleSet {
         self.rules.iter().any(|r| r.measure == measure)
     }
 
-    /// The rule that governs `s` now (see the module comment), with its deadline.
-    pub fn verdict(&self, s: &Session, datname: &str) -> Option<Verdict<'_>> {
-        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, datname)).min_by_key(|v| v.deadline)
+    /// Some enabled rule (or setting) limits how long or how far snapshots hold the horizon.
+    pub fn measures_snapshots(&self) -> bool {
+        self.measures(Measure::Snapshot) || self.measures(Measure::SnapshotXidAge)
     }
 
-    /// Among the rules of one kind that apply to `s`, the one with the highest priority (rules
-    /// are sorted that way), the earliest deadline among equals.
-    fn governing(&self, kind: Measure, s: &Session, datname: &str) -> Option<Verdict<'_>> {
+    /// The rule that governs `s` now (see the module comment), with its deadline.
+    pub fn verdict(&self, s: &Session, datname: &str) -> Option<Verdict<'_>> {
+        self.verdict_among(s, &self.matching(s, datname))
+    }
+
+    /// `verdict`, matching the rules' patterns only once per identity in `cache`.
+    pub fn cached_verdict(&self, s: &Session, datname: &str, cache: &mut MatchCache) -> Option<Verdict<'_>> {
+        let identity = (s.database_oid, s.role.clone(), s.application.clone(), s.client);
+        let matching = cache.matching.entry(identity).or_insert_with(|| self.matching(s, datname));
+        self.verdict_among(s, matching)
+    }
+
+    /// The rules whose patterns and network match `s`, by index, highest priority first.
+    fn matching(&self, s: &Session, datname: &str) -> Vec<usize> {
+        (0..self.rules.len()).filter(|i| self.rules[*i].matches(s, datname)).collect()
+    }
+
+    fn verdict_among(&self, s: &Session, matching: &[usize]) -> Option<Verdict<'_>> {
+        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, matching)).min_by_key(|v| v.deadline)
+    }
+
+    /// Among the matching rules of one kind, the one with the highest priority (rules are sorted
+    /// that way), the earliest deadline among equals.
+    fn governing(&self, kind: Measure, s: &Session, matching: &[usize]) -> Option<Verdict<'_>> {
         let since = kind.since(s)?;
-        let mut candidates = self
-            .rules
+        let mut candidates = matching
             .iter()
-            .filter(|rule| rule.measure == kind && rule.matches(s, datname))
+            .map(|i| &self.rules[*i])
+            .filter(|rule| rule.measure == kind && rule.reached_xid_age(s))
             .map(|rule| Verdict { rule, deadline: since.saturating_add(rule.timeout) });
         let first = candidates.next()?;
         Some(candidates.take_while(|v| v.rule.priority == first.rule.priority).fold(first, |best, v| {
@@ -335,15 +427,17 @@ impl RuleSet {
     }
 
     /// When to scan next: at the earliest known deadline, and no later than the shortest timeout
-    /// from now (a session that enters a state after this scan cannot expire sooner). Blocking
-    /// and replay-lag limits are left to `lock_watch` and `replay_watch`. `None` when there is no
-    /// rule: sleep until something changes.
+    /// from now (a session that enters a state after this scan cannot expire sooner; a snapshot
+    /// taken after it is charged from after it, see `xmin_hold.rs`), or `XID_AGE_POLL` while
+    /// `snapshot_xid_age` is set. Blocking and replay-lag limits are left to `lock_watch` and
+    /// `replay_watch`. `None` when there is
+    /// no rule: sleep until something changes.
     pub fn next_scan(&self, now: Micros, earliest_deadline: Option<Micros>) -> Option<Micros> {
         let shortest = self
             .rules
             .iter()
             .filter(|r| !matches!(r.measure, Measure::Blocking | Measure::ReplayLag))
-            .map(|r| r.timeout)
+            .map(Rule::poll_interval)
             .min();
         [earliest_deadline, shortest.map(|t| now.saturating_add(t))].into_iter().flatten().min()
     }
@@ -370,7 +464,6 @@ impl RuleSet {
 /// Bounds of `RuleSet::replay_watch`.
 const REPLAY_WATCH_MIN: Micros = 5_000;
 const REPLAY_WATCH_MAX: Micros = 100_000;
-
 /// How many rules shared memory holds; the loader keeps the highest-priority ones.
 pub const MAX_RULES: usize = 256;
 
@@ -489,13 +582,7 @@ mod tests {
 
     #[test]
     fn settings_alone_follow_the_state_and_the_earliest_limit_wins() {
-        let limits = Limits {
-            idle: 60 * SEC,
-            idle_in_transaction: 10 * SEC,
-            transaction: 0,
-            blocking: 0,
-            replay_lag: 0,
-        };
+        let limits = Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, ..Limits::default() };
         let set = RuleSet::new(vec![], limits);
         let idle = client(1, State::Idle, 5);
         assert_eq!(governing(&set, &idle), Some(("session_kill.idle_timeout".into(), NOW + 55 * SEC)));
@@ -579,6 +666,33 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_matches_patterns_once_per_identity_and_decides_as_without_the_cache() {
+        let set = rules(
+            vec![
+                RuleRow { role: "app".into(), ..row(1, "idle", 10) },
+                RuleRow { application: "ps%".into(), ..row(2, "idle", 20) },
+                row(3, "active", 5),
+            ],
+            Limits { idle: 60 * SEC, ..Limits::default() },
+        );
+        let sessions: Vec<Session> = (0..12)
+            .map(|i| Session {
+                role: Some(["app", "dba"][i % 2].into()),
+                application: ["psql", "pgbench", "psql"][i % 3].into(),
+                ..client(i as i32, if i % 4 == 0 { State::Active } else { State::Idle }, i as i64)
+            })
+            .collect();
+        let mut cache = MatchCache::default();
+        for s in &sessions {
+            let plain = set.verdict(s, "shop").map(|v| (v.rule.origin.label(), v.deadline));
+            let cached =
+                set.cached_verdict(s, "shop", &mut cache).map(|v| (v.rule.origin.label(), v.deadline));
+            assert_eq!(cached, plain, "session {}", s.pid);
+        }
+        assert_eq!(cache.matching.len(), 4, "two roles × two applications");
+    }
+
+    #[test]
     fn rules_match_on_database_role_application_network_and_state() {
         let set = rules(
             vec![RuleRow {
@@ -650,13 +764,7 @@ mod tests {
     fn next_scan_is_the_earliest_deadline_or_the_shortest_timeout() {
         let set = rules(
             vec![row(1, "active", 7)],
-            Limits {
-                idle: 60 * SEC,
-                idle_in_transaction: 10 * SEC,
-                transaction: 0,
-                blocking: 0,
-                replay_lag: 0,
-            },
+            Limits { idle: 60 * SEC, idle_in_transaction: 10 * SEC, ..Limits::default() },
         );
         assert_eq!(set.next_scan(NOW, Some(NOW + 3 * SEC)), Some(NOW + 3 * SEC));
         assert_eq!(set.next_scan(NOW, Some(NOW + 30 * SEC)), Some(NOW + 7 * SEC));
@@ -664,11 +772,78 @@ mod tests {
         assert_eq!(RuleSet::new(vec![], Limits::default()).next_scan(NOW, None), None);
     }
 
+    fn holding(pid: i32, state: State, held_secs: i64, age: i64) -> Session {
+        Session {
+            xact_start: NOW - 3600 * SEC,
+            xmin: Some(crate::policy::Xmin { xid: 100, age }),
+            xmin_since: NOW - held_secs * SEC,
+            ..client(pid, state, 0)
+        }
+    }
+
+    #[test]
+    fn snapshot_limits_measure_the_hold_and_spare_sessions_without_a_snapshot() {
+        let set = RuleSet::new(vec![], Limits { snapshot: 60 * SEC, ..Limits::default() });
+        assert!(set.measures_snapshots() && set.measures(Measure::Snapshot));
+        let idle_rr = holding(1, State::IdleInTransaction, 50, 10);
+        assert_eq!(governing(&set, &idle_rr), Some(("session_kill.snapshot_timeout".into(), NOW + 10 * SEC)));
+        let running = holding(2, State::Active, 70, 10);
+        assert_eq!(governing(&set, &running), Some(("session_kill.snapshot_timeout".into(), NOW - 10 * SEC)));
+        let no_snapshot = Session { xmin: None, ..holding(3, State::IdleInTransaction, 70, 10) };
+        assert_eq!(governing(&set, &no_snapshot), None, "idle in transaction without a snapshot");
+        let rule = rules(
+            vec![RuleRow { action: "cancel_then_terminate".into(), ..row(9, "Snapshot", 30) }],
+            Limits::default(),
+        );
+        let v = rule.verdict(&running, "shop").unwrap();
+        assert_eq!(
+            (v.rule.origin, v.deadline, v.rule.action),
+            (Origin::Row(9), NOW - 40 * SEC, Action::CancelThenTerminate)
+        );
+    }
+
+    #[test]
+    fn snapshot_xid_age_is_due_once_the_xmin_is_too_old_and_no_row_lifts_it() {
+        let limits = Limits { snapshot_xid_age: 1000, ..Limits::default() };
+        let exempt = RuleRow { priority: 100, ..row(5, "snapshot", 86_400) };
+        let set = rules(vec![exempt], limits);
+        let young = holding(1, State::IdleInTransaction, 500, 1000);
+        assert_eq!(governing(&set, &young), Some(("rule 5".into(), NOW + 85_900 * SEC)));
+        let old = holding(2, State::IdleInTransaction, 5, 1001);
+        let v = set.verdict(&old, "shop").unwrap();
+        assert_eq!(
+            (v.rule.origin.label(), v.deadline, v.rule.action),
+            ("session_kill.snapshot_xid_age".into(), NOW - 5 * SEC, Action::Terminate)
+        );
+        assert_eq!(v.rule.xid_age, 1000);
+        assert_eq!(
+            set.next_scan(NOW, None),
+            Some(NOW + XID_AGE_POLL),
+            "transaction IDs wake nobody: polled every second"
+        );
+        assert!(RuleSet::new(vec![], limits).measures_snapshots());
+    }
+
+    #[test]
+    fn snapshot_is_a_rule_state_but_snapshot_xid_age_is_not() {
+        assert_eq!(Measure::parse("snapshot").unwrap(), Measure::Snapshot);
+        let err = Measure::parse("snapshot xid age").unwrap_err();
+        assert_eq!(
+            err.hint,
+            "Valid rule states are: idle, idle in transaction, transaction, active, blocking, snapshot, replay_lag."
+        );
+        let s = holding(1, State::Active, 2, 1234);
+        assert_eq!(
+            Measure::Snapshot.told("2.0s", &s),
+            "holding back the xmin horizon for 2.0s (xmin age 1234)"
+        );
+    }
+
     #[test]
     fn blocking_limits_set_the_lock_watch_not_the_scans() {
         let set = rules(
             vec![row(1, "blocking", 2), row(2, "idle", 30)],
-            Limits { idle: 0, idle_in_transaction: 0, transaction: 0, blocking: SEC, replay_lag: 0 },
+            Limits { blocking: SEC, ..Limits::default() },
         );
         assert_eq!(set.lock_watch(), Some(SEC));
         assert_eq!(set.next_scan(NOW, None), Some(NOW + 30 * SEC));
@@ -701,7 +876,10 @@ mod tests {
         assert_eq!(rows.replay_watch(), Some(100_000));
         let short = rules(vec![RuleRow { timeout: 20_000, ..row(5, "replay_lag", 1) }], Limits::default());
         assert_eq!(short.replay_watch(), Some(5_000), "at least 5 ms");
-        assert_eq!(Measure::ReplayLag.told("2.0 s"), "holding back replay on this standby for 2.0 s");
+        assert_eq!(
+            Measure::ReplayLag.told("2.0 s", &holder),
+            "holding back replay on this standby for 2.0 s"
+        );
         assert_eq!(rules(vec![row(1, "idle", 5)], Limits::default()).replay_watch(), None);
     }
 

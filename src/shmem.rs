@@ -22,6 +22,7 @@ use crate::reasons::{ReasonTable, ReasonText};
 use crate::rules::{PublishedRules, RuleRow};
 use crate::signal::Signal;
 use crate::sync::SyncState;
+use crate::xmin_hold::{PublishedSightings, Sightings};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -40,6 +41,8 @@ unsafe impl PGRXSharedMemory for SyncState {}
 unsafe impl PGRXSharedMemory for ReasonTable {}
 // SAFETY: as above.
 unsafe impl PGRXSharedMemory for MakeWayTable {}
+// SAFETY: as above.
+unsafe impl PGRXSharedMemory for PublishedSightings {}
 
 // SAFETY: the names are unique to this extension.
 static GATES: PgLwLock<GateTable> = unsafe { PgLwLock::new(c"session_kill_gates") };
@@ -56,6 +59,8 @@ static REASONS: PgLwLock<ReasonTable> = unsafe { PgLwLock::new(c"session_kill_re
 // SAFETY: as above.
 static MAKE_WAY: PgLwLock<MakeWayTable> = unsafe { PgLwLock::new(c"session_kill_make_way") };
 // SAFETY: as above.
+static SIGHTINGS: PgLwLock<PublishedSightings> = unsafe { PgLwLock::new(c"session_kill_sightings") };
+// SAFETY: as above.
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"session_kill_worker_pid") };
 // SAFETY: as above.
 static WAKE_REQUESTS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"session_kill_wake_requests") };
@@ -70,6 +75,7 @@ pub fn init() {
     pg_shmem_init!(SYNC = SyncState::default());
     pg_shmem_init!(REASONS = ReasonTable::default());
     pg_shmem_init!(MAKE_WAY = MakeWayTable::default());
+    pg_shmem_init!(SIGHTINGS = PublishedSightings::default());
     pg_shmem_init!(WORKER_PID);
     pg_shmem_init!(WAKE_REQUESTS);
     PRELOADED.store(true, Ordering::Relaxed);
@@ -297,4 +303,19 @@ pub fn published_rules() -> Vec<RuleRow> {
 pub fn published_rules_since(known: Option<u64>) -> Option<(u64, Vec<RuleRow>)> {
     let rules = RULES.share();
     (known != Some(rules.generation())).then(|| (rules.generation(), rules.rows()))
+}
+
+/// The worker's sightings of xmins at its last scan (see `xmin_hold.rs`).
+pub fn publish_sightings(sightings: &Sightings) {
+    SIGHTINGS.exclusive().publish(sightings);
+}
+
+/// The worker's last published sightings; none (so every xmin counts from its transaction's
+/// start) when not preloaded.
+pub fn sightings() -> Sightings {
+    if preloaded() {
+        SIGHTINGS.share().read()
+    } else {
+        Sightings::default()
+    }
 }

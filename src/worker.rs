@@ -1,7 +1,9 @@
 //! The background worker: enforces the rules of `session_kill.rules` and the limits
-//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout` and
-//! `session_kill.transaction_timeout` (see `rules.rs` for which governs) on every client session,
-//! and on a hot standby the replay-lag limits (`replay.rs`: it looks at the startup process).
+//! `session_kill.idle_timeout`, `session_kill.idle_in_transaction_timeout`,
+//! `session_kill.transaction_timeout`, `session_kill.blocker_timeout` and the snapshot limits
+//! `session_kill.snapshot_timeout` and `session_kill.snapshot_xid_age` (see `rules.rs` for which
+//! governs, `xmin_hold.rs` for how long a snapshot has been held) on every client session, and on
+//! a hot standby the replay-lag limits (`replay.rs`: it looks at the startup process).
 //! Instead of polling it sleeps on its latch until the earliest deadline (or until the shortest
 //! timeout has passed, since nothing that enters a state later can expire sooner). With
 //! `session_kill.max_connection_usage` set it also ends the longest-idle sessions when client
@@ -18,11 +20,12 @@ use crate::policy::{
     duration_text, escape, pressure_victims, BackendKind, Micros, Outcome, Protections, Session, State,
 };
 use crate::replay::{self, Conflict};
-use crate::rules::{Action, Measure, Origin, Rule, RuleSet};
+use crate::rules::{Action, MatchCache, Measure, Origin, Rule, RuleSet, Verdict};
 use crate::shmem;
 use crate::signal::{self, Signal};
 use crate::standby;
 use crate::sync;
+use crate::xmin_hold::Sightings;
 use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -163,6 +166,8 @@ struct Worker {
     full_scan_at: Option<Micros>,
     lock_watch: Option<Micros>,
     wake_requests_seen: u64,
+    /// Each backend's xmin at the last scan, while a snapshot limit is in force.
+    sightings: Sightings,
     /// On a hot standby with a replay-lag limit: how often to look at the startup process, the
     /// startup process's PID, the hold on replay it shows (see `replay.rs`), and since when each
     /// session responsible for that hold was charged at the last scan, with the hold's start.
@@ -189,6 +194,7 @@ impl Default for Worker {
             full_scan_at: None,
             lock_watch: None,
             wake_requests_seen: 0,
+            sightings: Sightings::default(),
             replay_watch: None,
             startup_pid: None,
             replay: replay::Tracker::default(),
@@ -369,6 +375,7 @@ impl Worker {
         let read = backends::sessions();
         let blocking = self.blocking_since(&rules, true);
         let now = self.read_clocks();
+        let read = self.watch_snapshots(&rules, read, now);
         let replay = self.replay_held_since(&read, now);
         let sessions: HashMap<i32, Session> = read
             .into_iter()
@@ -396,11 +403,12 @@ impl Worker {
             sessions.values().filter(|s| s.kind == BackendKind::Client).collect();
         clients.sort_by_key(|s| !s.state.is_some_and(|st| st != State::Idle && st.is_idle()));
         let mut ended_idle_blocker = false;
+        let mut matches = MatchCache::default();
         for s in clients {
             if protections.protection(s).is_some() || self.handled.contains(&key(s)) {
                 continue;
             }
-            let verdict = rules.verdict(s, self.database_name(s.database_oid));
+            let verdict = rules.cached_verdict(s, self.database_name(s.database_oid), &mut matches);
             let blocking = verdict.is_some_and(|v| v.rule.measure == Measure::Blocking);
             let wake = match verdict {
                 Some(v) if v.deadline > now => {
@@ -448,6 +456,30 @@ impl Worker {
         earliest(next, settling.then_some(now + LOGIN_RECHECK))
     }
 
+    /// While some limit measures snapshots, gives each session since when its xmin has held
+    /// back the horizon, by what earlier scans saw (see `xmin_hold.rs`), and records and
+    /// publishes what this scan saw. Otherwise stops watching: a later watch starts afresh.
+    fn watch_snapshots(
+        &mut self,
+        rules: &RuleSet,
+        mut read: HashMap<i32, Session>,
+        now: Micros,
+    ) -> HashMap<i32, Session> {
+        if !rules.measures_snapshots() {
+            if !self.sightings.is_empty() {
+                self.sightings = Sightings::default();
+                shmem::publish_sightings(&self.sightings);
+            }
+            return read;
+        }
+        for s in read.values_mut() {
+            s.xmin_since = self.sightings.held_since(s);
+        }
+        self.sightings.record(read.values(), now);
+        shmem::publish_sightings(&self.sightings);
+        read
+    }
+
     /// The published rows of `session_kill.rules` (parsed again only when republished) and the
     /// settings, as one rule set.
     fn rules(&mut self) -> RuleSet {
@@ -475,29 +507,15 @@ impl Worker {
         let mut fresh = backends::live_backend(chosen.pid).filter(|f| f.session.same_backend(chosen))?;
         fresh.session.blocking_since =
             self.blocking_since(rules, false).get(&chosen.pid).copied().unwrap_or(0);
+        if rules.measures_snapshots() {
+            fresh.session.xmin_since = self.sightings.held_since(&fresh.session);
+        }
         fresh.session = self.clock.corrected(&fresh.session);
         fresh.session.replay_held_since = self.replay_recheck(chosen.pid);
         let datname = fresh.datname.clone().unwrap_or_default();
         let verdict = rules.verdict(&fresh.session, &datname).filter(|v| v.deadline <= now)?;
         let rule = verdict.rule.origin.label();
-        let limit = match verdict.rule.origin {
-            Origin::Row(_) => format!(
-                "{rule} ({} longer than {})",
-                verdict.rule.measure.label(),
-                args::interval(verdict.rule.timeout)
-            ),
-            Origin::Setting(_) => rule.clone(),
-        };
-        let why = format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0);
-        let over = match verdict.rule.origin {
-            Origin::Row(_) if !verdict.rule.comment.is_empty() => {
-                format!("{rule} ({})", escape(&verdict.rule.comment))
-            }
-            Origin::Row(_) => rule.clone(),
-            Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
-        };
-        let measured = now - (verdict.deadline - verdict.rule.timeout);
-        let told = format!("{}, over {over}", verdict.rule.measure.told(&duration_text(measured)));
+        let (why, told) = explain(&verdict, &fresh.session, now);
         match self.cancelled.get(&key(chosen)) {
             Some(grace_end) if now < *grace_end => return Some(*grace_end),
             Some(_) => {}
@@ -626,4 +644,34 @@ impl Worker {
         };
         acting.finish(&subject, &progress, outcome);
     }
+}
+
+/// Why the worker ends a session past `verdict`'s deadline: for the log line and the audit row,
+/// and as its client is told (after `session_kill: `).
+fn explain(verdict: &Verdict, s: &Session, now: Micros) -> (String, String) {
+    let rule = verdict.rule.origin.label();
+    let measure = verdict.rule.measure;
+    let xid_age = verdict.rule.xid_age;
+    let age = s.xmin.map_or(0, |x| x.age);
+    let limit = match verdict.rule.origin {
+        Origin::Row(_) => {
+            format!("{rule} ({} longer than {})", measure.label(), args::interval(verdict.rule.timeout))
+        }
+        Origin::Setting(_) => rule.clone(),
+    };
+    let why = if measure == Measure::SnapshotXidAge {
+        format!("{limit} exceeded: xmin age {age} is over {xid_age}")
+    } else {
+        format!("{limit} exceeded by {:.1} ms", (now - verdict.deadline) as f64 / 1000.0)
+    };
+    let over = match verdict.rule.origin {
+        Origin::Row(_) if !verdict.rule.comment.is_empty() => {
+            format!("{rule} ({})", escape(&verdict.rule.comment))
+        }
+        Origin::Row(_) => rule.clone(),
+        Origin::Setting(_) if measure == Measure::SnapshotXidAge => format!("{rule} ({xid_age})"),
+        Origin::Setting(_) => format!("{rule} ({})", duration_text(verdict.rule.timeout)),
+    };
+    let measured = now - (verdict.deadline - verdict.rule.timeout);
+    (why, format!("{}, over {over}", measure.told(&duration_text(measured), s)))
 }

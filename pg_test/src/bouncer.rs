@@ -70,12 +70,23 @@ impl Bouncer {
     /// `[pgbouncer]` section after the defaults (a later setting overrides an earlier one), e.g.
     /// `"server_login_retry = 1"`. Returns once it accepts connections.
     pub fn start(server: &Server, mode: PoolMode, extra_ini: &[&str]) -> Bouncer {
+        Bouncer::start_for_users(server, mode, extra_ini, &[])
+    }
+
+    /// `start`, letting in `extra_users` too (roles a test created besides the harness's own).
+    pub fn start_for_users(
+        server: &Server,
+        mode: PoolMode,
+        extra_ini: &[&str],
+        extra_users: &[&str],
+    ) -> Bouncer {
         let port = free_port();
         let dir = server.datadir.with_file_name(format!("bouncer-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let users: String = ["postgres", APP, OTHER, SUPER, SIGNALLER, PLAIN, APP_MEMBER]
             .iter()
+            .chain(extra_users)
             .map(|u| format!("\"{u}\" \"\"\n"))
             .collect();
         std::fs::write(dir.join("userlist.txt"), users).unwrap();

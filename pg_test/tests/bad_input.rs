@@ -424,7 +424,7 @@ fn rules_cases(infinite_intervals: bool) -> Group {
         format!("null value in column \"{column}\" of relation \"rules\" violates not-null constraint")
     };
     const RULE_STATES: &str =
-        "Valid rule states are: idle, idle in transaction, transaction, active, blocking.";
+        "Valid rule states are: idle, idle in transaction, transaction, active, blocking, snapshot, replay_lag.";
     // state
     g.error(
         insert("state, timeout", "'sleeping', '1h'"),
@@ -433,6 +433,12 @@ fn rules_cases(infinite_intervals: bool) -> Group {
         RULE_STATES,
     );
     g.error(insert("state, timeout", "'', '1h'"), INVALID_VALUE, "invalid rule state \"\"", RULE_STATES);
+    g.error(
+        insert("state, timeout", "'snapshot xid age', '1h'"),
+        INVALID_VALUE,
+        "invalid rule state \"snapshot xid age\"",
+        RULE_STATES,
+    );
     g.error(insert("state, timeout", "NULL, '1h'"), NOT_NULL_VIOLATION, not_null("state"), "");
     g.error(insert("timeout", "'1h'"), NOT_NULL_VIOLATION, not_null("state"), "");
     g.error(
@@ -575,7 +581,9 @@ fn settings_cases() -> Group {
     let invalid = |setting: &str, value: &str| {
         format!("invalid value for parameter \"session_kill.{setting}\": \"{value}\"")
     };
-    for setting in ["idle_timeout", "protected_roles", "max_connection_usage"] {
+    for setting in
+        ["idle_timeout", "protected_roles", "max_connection_usage", "snapshot_timeout", "snapshot_xid_age"]
+    {
         g.error(
             format!("SET session_kill.{setting} = DEFAULT"),
             CANT_CHANGE_NOW,
@@ -614,6 +622,15 @@ fn settings_cases() -> Group {
         alter("transaction_timeout", "'3000000000'"),
         INVALID_VALUE,
         invalid("transaction_timeout", "3000000000"),
+        "",
+    );
+    g.error(alter("snapshot_timeout", "'-1'"), INVALID_VALUE, out_of_range("-1 ms", "snapshot_timeout"), "");
+    g.error(alter("snapshot_xid_age", "-1"), INVALID_VALUE, out_of_range("-1", "snapshot_xid_age"), "");
+    g.error(alter("snapshot_xid_age", "'1s'"), INVALID_VALUE, invalid("snapshot_xid_age", "1s"), "");
+    g.error(
+        alter("snapshot_xid_age", "3000000000"),
+        INVALID_VALUE,
+        invalid("snapshot_xid_age", "3000000000"),
         "",
     );
     g.error(

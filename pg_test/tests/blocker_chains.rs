@@ -190,10 +190,16 @@ fn assert_terminated_on(s: &Server, session: &mut Session) {
 const TERMINATING: &str = "terminating connection due to administrator command";
 const CANCELING: &str = "canceling statement due to user request";
 
-/// Waits until the worker has finished a scan more than `after` from now (server clock).
-fn wait_for_a_scan_after(s: &Server, after: &str) {
-    let mark: String = s.probe_one(&format!("SELECT (now() + interval '{after}')::text"), &[]).get(0);
-    wait_for_described(PATIENCE, &format!("a worker scan {after} from now"), || {
+/// The server's clock now, as text.
+fn server_now(s: &Server) -> String {
+    s.probe_one("SELECT clock_timestamp()::text", &[]).get(0)
+}
+
+/// Waits until the worker has finished a scan later than `after` past `since` (server clock).
+fn wait_for_a_scan_after(s: &Server, since: &str, after: &str) {
+    let mark: String =
+        s.probe_one(&format!("SELECT ($1::text::timestamptz + interval '{after}')::text"), &[&since]).get(0);
+    wait_for_described(PATIENCE, &format!("a worker scan {after} after {since}"), || {
         s.probe_one(
             "SELECT coalesce(last_scan > $1::text::timestamptz, false) FROM session_kill.worker",
             &[&mark],
@@ -320,6 +326,9 @@ fn a_running_blocker_that_keeps_its_lock_after_the_cancel_is_terminated_after_gr
         "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SAVEPOINT report; SELECT pg_sleep(60)",
     );
     wait_until_sleeping(&s, a.pid);
+    // The waiter's wait begins after this, so the cancel comes 1 s after it at the earliest and
+    // the end of its grace 2 s after it.
+    let before_wait = server_now(&s);
     let waiter = Running::start(&s, s.connect("postgres", APP), "SELECT count(*) FROM t");
     wait_until_waiting(&s, waiter.pid);
 
@@ -376,6 +385,9 @@ fn a_running_blocker_whose_cancel_releases_the_lock_is_only_cancelled() {
         "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)",
     );
     wait_until_sleeping(&s, a.pid);
+    // The waiter's wait begins after this, so the cancel comes 1 s after it at the earliest and
+    // the end of its grace 2 s after it.
+    let before_wait = server_now(&s);
     let waiter = Running::start(&s, s.connect("postgres", APP), "SELECT count(*) FROM t");
     wait_until_waiting(&s, waiter.pid);
 
@@ -387,8 +399,8 @@ fn a_running_blocker_whose_cancel_releases_the_lock_is_only_cancelled() {
     assert_eq!(waited, Ok(()), "the waiter got its lock");
     assert!(!holds_lock_on(&s, a.pid, "t"));
 
-    // Past the grace, the worker has looked again and let it be.
-    wait_for_a_scan_after(&s, "1.5s");
+    // At the end of the grace, the worker has looked again and let it be.
+    wait_for_a_scan_after(&s, &before_wait, "2s");
     assert_eq!(state_of(&s, a.pid).as_deref(), Some("idle in transaction (aborted)"));
     assert_eq!(sent(&s, "terminate", a.pid), None);
     a.client.batch_execute("ROLLBACK").unwrap();
