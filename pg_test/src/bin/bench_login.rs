@@ -1,11 +1,11 @@
 //! Benchmark (not a test): what session_kill costs on every login. Prints a Markdown section.
 //!
 //! Logins: `pgbench -C -S` (a new connection for every read-only transaction, over the Unix
-//! socket) against one cluster, restarted before every round into one of three set-ups, in
-//! interleaved rounds: without `shared_preload_libraries`; with session_kill preloaded and no
-//! gate closed; preloaded with 64 gates closed (as many as the gate table holds, every one on
-//! another database, so each login checks them all and is still admitted). Each round starts
-//! with a warm-up run that is not counted.
+//! socket) against three clusters of the same installation, running side by side: one without
+//! `shared_preload_libraries`; one with session_kill preloaded and no gate closed; one preloaded
+//! with 64 gates closed (as many as the gate table holds, every one on another database, so each
+//! login checks them all and is still admitted). Short runs alternate between them, in an order
+//! that rotates every round, so a change in the machine's load hits all three alike.
 
 use session_kill_pg_test::stats::{
     clock_ticks_per_second, load_average, max, median, min, server_version, settle,
@@ -16,9 +16,9 @@ use std::time::Duration;
 
 /// Measured rounds per set-up (`SESSION_KILL_BENCH_ROUNDS` overrides it for a quick trial).
 fn rounds() -> usize {
-    std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6)
+    std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30)
 }
-const RUN_SECS: u32 = 10;
+const RUN_SECS: u32 = 3;
 const WARM_UP_SECS: u32 = 2;
 const CLIENTS: u32 = 2;
 const GATES: usize = 64;
@@ -43,19 +43,20 @@ impl SetUp {
 }
 
 fn main() {
-    let server = Server::start(&["max_connections = 1100", "shared_buffers = '128MB'", "autovacuum = off"]);
-    let version = server_version(&server);
+    let conf = ["max_connections = 200", "shared_buffers = '128MB'", "autovacuum = off"];
+    let servers: Vec<Server> = SetUp::ALL.iter().map(|setup| prepare(Server::start(&conf), *setup)).collect();
+    let version = server_version(&servers[0]);
     let load_start = load_average();
-    prepare(&server);
+    for server in &servers {
+        pgbench(server, WARM_UP_SECS);
+    }
 
     let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
     // Round r runs the set-ups rotated by r, so none is always first after another.
     for round in 0..rounds() {
         for i in 0..SetUp::ALL.len() {
             let k = (i + round) % SetUp::ALL.len();
-            enter(&server, SetUp::ALL[k]);
-            pgbench(&server, WARM_UP_SECS);
-            runs[k].push(pgbench(&server, RUN_SECS));
+            runs[k].push(pgbench(&servers[k], RUN_SECS));
         }
     }
     let load_end = load_average();
@@ -63,9 +64,9 @@ fn main() {
     println!("### The cost on every login ({version})\n");
     println!(
         "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
-         read-only transaction; scale 1), in {} interleaved rounds per set-up, each on the same cluster restarted \
-         into its set-up (autovacuum off) and warmed up for {WARM_UP_SECS} s first; the set-ups' order rotates every \
-         round. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
+         read-only transaction; scale 1), in {} interleaved rounds per set-up, against three clusters of the same \
+         installation running side by side (autovacuum off; each warmed up for {WARM_UP_SECS} s first); the \
+         set-ups' order rotates every round. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock, so it moves with whatever else runs on the machine. *Server CPU per connection* is the CPU \
          time of the backends that served the run (the postmaster's reaped children: `cutime + cstime` in \
          `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
@@ -110,44 +111,39 @@ fn main() {
         "\nLoad average (1, 5, 15 min) at the start: {load_start}; at the end: {load_end}. Other engineers' builds share these {} cores.\n",
         thread::available_parallelism().map_or(0, |n| n.get())
     );
-    server.stop();
 }
 
-/// The pgbench database and the databases whose gates the third set-up closes.
-fn prepare(server: &Server) {
+/// Puts a fresh server into `setup`: the pgbench database; no preload, or 64 gates closed.
+fn prepare(server: Server, setup: SetUp) -> Server {
     let mut admin = server.admin();
     admin.batch_execute("CREATE DATABASE bench").unwrap();
-    for i in 0..GATES {
-        admin.batch_execute(&format!("CREATE DATABASE closed_{i:02}")).unwrap();
-    }
     let out = server.client_program("pgbench").args(["-i", "-q", "-s", "1", "bench"]).output().unwrap();
     assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Restarts the server into `setup`.
-fn enter(server: &Server, setup: SetUp) {
-    server
-        .admin()
-        .batch_execute(if setup == SetUp::NotLoaded {
-            "ALTER SYSTEM RESET shared_preload_libraries"
-        } else {
-            "ALTER SYSTEM SET shared_preload_libraries = 'session_kill'"
-        })
-        .unwrap();
-    server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
-    if setup == SetUp::GatesClosed {
-        let mut admin = server.admin();
-        for i in 0..GATES {
-            admin
-                .batch_execute(&format!("SELECT FROM session_kill.drain_database('closed_{i:02}')"))
-                .unwrap();
+    match setup {
+        SetUp::NotLoaded => {
+            admin.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").unwrap();
+            server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+            let mut admin = server.admin();
+            let loaded: String = admin.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
+            assert_eq!(loaded, "", "no library preloaded");
         }
-        let closed: i64 = admin.query_one("SELECT count(*) FROM session_kill.drains()", &[]).unwrap().get(0);
-        assert_eq!(closed, GATES as i64, "every gate closed");
-        // The drains' audit rows are written by a sync worker, a child of the postmaster whose
-        // CPU would count as the connections' if it ran during the run.
-        settle(server);
+        SetUp::Preloaded => {}
+        SetUp::GatesClosed => {
+            for i in 0..GATES {
+                admin.batch_execute(&format!("CREATE DATABASE closed_{i:02}")).unwrap();
+                admin
+                    .batch_execute(&format!("SELECT FROM session_kill.drain_database('closed_{i:02}')"))
+                    .unwrap();
+            }
+            let closed: i64 =
+                admin.query_one("SELECT count(*) FROM session_kill.drains()", &[]).unwrap().get(0);
+            assert_eq!(closed, GATES as i64, "every gate closed");
+            // The drains' audit rows are written by a sync worker, a child of the postmaster
+            // whose CPU would count as the connections' if it ran during a run.
+            settle(&server);
+        }
     }
+    server
 }
 
 struct Run {
