@@ -52,7 +52,7 @@ for v in "${majors[@]}"; do
   pg_config=$(pg_config_for "$v")
   features=(--no-default-features --features "pg$v")
   run_tier "PG$v tier 1: pure unit tests (cargo test)" \
-    cargo test --lib "${features[@]}" -- policy:: gate:: counters:: rules:: audit:: fixed:: clock:: lock_graph:: reasons:: act:: make_way:: xmin_hold::
+    cargo test --lib "${features[@]}" -- policy:: gate:: counters:: rules:: audit:: fixed:: clock:: lock_graph:: reasons:: act:: make_way:: xmin_hold:: replay::
   export CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=$work/pgrx-test-data-pg$v
   run_tier "PG$v tier 2: in-backend tests (cargo pgrx test)" \
     cargo pgrx test "pg$v" pg_tests::

@@ -479,9 +479,10 @@ fn horizon_names_the_oldest_holder_of_each_kind() {
 
 /// A standby with `hot_standby_feedback` and no replication slot: its walsender on the primary
 /// carries the standby's xmin, which a REPEATABLE READ query on the standby holds back. The
-/// primary's `horizon()` names that walsender; session_kill does not end it.
+/// primary's `horizon()` names that walsender; session_kill does not end it. On the standby,
+/// `snapshot_timeout` ends that query, and the primary's horizon moves on.
 #[test]
-fn horizon_names_a_walsender_holding_a_standby_s_feedback() {
+fn horizon_names_a_walsender_holding_a_standby_s_feedback_and_the_standby_s_guard_frees_it() {
     let primary = Server::start(&[]);
     let standby =
         primary.start_standby(&["hot_standby_feedback = on", "wal_receiver_status_interval = '1s'"]);
@@ -517,7 +518,30 @@ fn horizon_names_a_walsender_holding_a_standby_s_feedback() {
         "{}",
         row.get::<_, String>(5)
     );
-    drop(reader);
+
+    // The snapshot guard, run by the standby's own worker, ends the standby query that holds
+    // the primary's horizon back; the feedback then lets the primary's xmin move on.
+    let mut reader = reader;
+    standby.admin().batch_execute("ALTER SYSTEM SET session_kill.snapshot_timeout = '2s'").unwrap();
+    standby.admin().batch_execute("SELECT pg_reload_conf()").unwrap();
+    standby.wait_until_gone(reader.pid);
+    assert_ended_by_admin_on(&standby, reader.pid, reader.probe());
+    let detail = told_terminated(&standby, reader.pid);
+    assert!(detail.starts_with("session_kill: holding back the xmin horizon for "), "{detail}");
+    burn_xids(&primary, 1);
+    wait_for_described(
+        Duration::from_secs(20),
+        "the primary's walsender lets go of the standby's xmin",
+        || {
+            primary
+            .probe_one(
+                "SELECT backend_xmin IS NULL OR backend_xmin::text <> $1 FROM pg_stat_activity WHERE pid = $2",
+                &[&standby_xmin, &walsender],
+            )
+            .get::<_, Option<bool>>(0)
+            == Some(true)
+        },
+    );
     standby.stop();
     primary.stop();
 }
