@@ -7,6 +7,7 @@
 #              per session under 1 and 256 rules)
 #   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
 #   standby    bench_standby (replay-lag limit on a real streaming standby; SESSION_KILL_BENCH_ROUNDS)
+#   horizon    bench_snapshot (snapshot_timeout lateness; the snapshot limits' idle cost)
 # Usage: scripts/bench.sh [--only GROUP] [15|16|18 ...]   (default: every group, all three majors)
 # Each section states the command, commit, date and machine that produced it. With --only, the
 # other groups' sections are kept as they were (with their own command and commit).
@@ -20,9 +21,10 @@ for var in SESSION_KILL_BENCH_ROUNDS SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CO
   [[ -z ${!var:-} ]] || command="$var=${!var} $command"
 done
 source scripts/common.sh
-all_groups=(core blockers login pgbouncer standby)
+all_groups=(core blockers login pgbouncer standby horizon)
 declare -A benches=([core]="bench_kill bench_drain bench_worker" [blockers]="bench_blockers" [login]="bench_login bench_scan"
-  [pgbouncer]="bench_pgbouncer" [standby]="bench_standby")
+  [pgbouncer]="bench_pgbouncer" [standby]="bench_standby"
+  [horizon]="bench_snapshot")
 groups=("${all_groups[@]}")
 if [[ ${1:-} == --only ]]; then
   [[ -n ${2:-} && -n ${benches[$2]:-} ]] || { echo "error: --only needs one of: ${all_groups[*]}" >&2; exit 2; }
@@ -73,6 +75,13 @@ header_pgbouncer() {
   echo
   echo "Command: \`$command\` (pg_test/src/bin/bench_pgbouncer.rs, release build; it starts its own server and"
   echo "PgBouncer processes)."
+  echo
+}
+
+header_horizon() {
+  echo "## The horizon guard ($stamp)"
+  echo
+  echo "Command: \`$command\` (pg_test/src/bin/bench_snapshot.rs; release build of the extension)."
   echo
 }
 

@@ -101,3 +101,11 @@ pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a system constant.
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
+
+/// The nearest-rank percentile `p` (0 < p ≤ 1) of `v`; NaN for no values.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len().max(1));
+    s.get(rank - 1).copied().unwrap_or(f64::NAN)
+}
