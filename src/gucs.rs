@@ -55,7 +55,8 @@ pub static REPLAY_LAG_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `session_kill.make_way_after`: settable by any user. Once this session has waited this long
 /// for a lock, the worker ends the sessions that hold up its request (a session queued ahead of
 /// it too), if its own role could `pg_terminate_backend` them; superusers and protected sessions
-/// are excepted. 0 turns it off. See `make_way.rs`.
+/// are excepted. 0 turns it off. The worker looks for the wait at most every 100 ms
+/// (`make_way::LOOK_FLOOR`). See `make_way.rs`.
 pub static MAKE_WAY_AFTER: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// `session_kill.max_connection_usage`: when client sessions exceed this share of

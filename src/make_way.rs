@@ -15,6 +15,15 @@ use pgrx::prelude::*;
 use std::cell::Cell;
 
 pub const MAKE_WAY_SLOTS: usize = 1024;
+/// The worker looks for a requester's lock wait at most this often: any role may set the
+/// setting, and 1 ms would have the worker look at every process every millisecond. A request
+/// below it may be served up to this much late.
+pub const LOOK_FLOOR: Micros = 100_000;
+
+/// How often the worker looks for the lock wait of a session that asked to make way after `after`.
+pub fn look_every(after: Micros) -> Micros {
+    after.max(LOOK_FLOOR)
+}
 
 /// One session's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,31 +38,55 @@ pub struct Request {
 #[derive(Clone, Copy)]
 pub struct MakeWayTable {
     slots: [Option<Request>; MAKE_WAY_SLOTS],
+    /// How often the worker looks for lock waits until its next read of the table, by what it
+    /// read last (0: it does not look). A request it looks for often enough needs no wake-up.
+    watched_every: Micros,
 }
 
 impl Default for MakeWayTable {
     fn default() -> Self {
-        MakeWayTable { slots: [None; MAKE_WAY_SLOTS] }
+        MakeWayTable { slots: [None; MAKE_WAY_SLOTS], watched_every: 0 }
     }
 }
 
+/// What recording a request asks of the backend that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Every slot is taken: the request has no effect.
+    Full,
+    /// The worker does not look for lock waits often enough for this request until woken.
+    WakeWorker,
+    /// Recorded, or removed; the worker needs no wake-up.
+    Done,
+}
+
 impl MakeWayTable {
-    /// Records (or, with `after` 0, removes) a session's request; false when the table is full.
-    pub fn set(&mut self, request: Request) -> bool {
+    /// Records (or, with `after` 0, removes) a session's request.
+    pub fn set(&mut self, request: Request) -> Recorded {
         let own = self.slots.iter().position(|s| s.is_some_and(|r| r.pid == request.pid));
         if request.after <= 0 {
             if let Some(i) = own {
                 self.slots[i] = None;
             }
-            return true;
+            return Recorded::Done;
         }
-        match own.or_else(|| self.slots.iter().position(Option::is_none)) {
-            Some(i) => {
-                self.slots[i] = Some(request);
-                true
-            }
-            None => false,
+        let Some(i) = own.or_else(|| self.slots.iter().position(Option::is_none)) else {
+            return Recorded::Full;
+        };
+        self.slots[i] = Some(request);
+        if self.watched_every == 0 || look_every(request.after) < self.watched_every {
+            Recorded::WakeWorker
+        } else {
+            Recorded::Done
         }
+    }
+
+    /// The worker's read: every request, which it then looks for at least every
+    /// `look_every(after)` until its next read.
+    pub fn watch(&mut self) -> Vec<Request> {
+        let requests = self.requests();
+        self.watched_every = requests.iter().map(|r| look_every(r.after)).min().unwrap_or(0);
+        requests
     }
 
     /// The backend `(pid, started)` is exiting.
@@ -94,15 +127,14 @@ pub fn publish(after_ms: i32, role: pg_sys::Oid) {
         unsafe { pg_sys::before_shmem_exit(Some(forget), pg_sys::Datum::from(0)) };
         EXIT_CALLBACK_REGISTERED.set(true);
     }
-    let published = shmem::set_make_way(request);
-    PUBLISHED.set(published && request.after > 0);
-    if !published {
-        warning!(
+    let recorded = shmem::set_make_way(request);
+    PUBLISHED.set(recorded != Recorded::Full && request.after > 0);
+    match recorded {
+        Recorded::Full => warning!(
             "session_kill.make_way_after has no effect in this session: {MAKE_WAY_SLOTS} sessions already use it"
-        );
-    } else if request.after > 0 {
-        // The worker sleeps until its next deadline; this request may bring one forward.
-        crate::signal::wake_worker();
+        ),
+        Recorded::WakeWorker => crate::signal::wake_worker(),
+        Recorded::Done => {}
     }
 }
 
@@ -132,10 +164,10 @@ mod tests {
     #[test]
     fn a_session_has_one_request_and_zero_withdraws_it() {
         let mut t = MakeWayTable::default();
-        assert!(t.set(request(1, 3_000_000)));
-        assert!(t.set(request(1, 5_000_000)));
+        assert_ne!(t.set(request(1, 3_000_000)), Recorded::Full);
+        assert_ne!(t.set(request(1, 5_000_000)), Recorded::Full);
         assert_eq!(t.requests(), vec![request(1, 5_000_000)]);
-        assert!(t.set(request(1, 0)));
+        assert_eq!(t.set(request(1, 0)), Recorded::Done);
         assert!(t.requests().is_empty());
     }
 
@@ -143,12 +175,54 @@ mod tests {
     fn an_exit_removes_only_that_backend_and_a_full_table_says_so() {
         let mut t = MakeWayTable::default();
         for pid in 0..MAKE_WAY_SLOTS as i32 {
-            assert!(t.set(request(pid, 1)));
+            assert_ne!(t.set(request(pid, 1)), Recorded::Full);
         }
-        assert!(!t.set(request(-1, 1)), "full");
+        assert_eq!(t.set(request(-1, 1)), Recorded::Full);
         t.remove(5, 999);
         assert_eq!(t.requests().len(), MAKE_WAY_SLOTS, "another backend with that PID");
         t.remove(5, 100);
-        assert!(t.set(request(-1, 1)));
+        assert_ne!(t.set(request(-1, 1)), Recorded::Full);
+    }
+
+    #[test]
+    fn a_request_wakes_the_worker_only_when_it_does_not_look_often_enough() {
+        let mut t = MakeWayTable::default();
+        assert_eq!(t.set(request(1, 3_000_000)), Recorded::WakeWorker, "the worker looks for nothing yet");
+        assert_eq!(t.set(request(2, 3_000_000)), Recorded::WakeWorker, "it has not read the first one yet");
+        assert_eq!(t.watch().len(), 2);
+        assert_eq!(t.set(request(1, 3_000_000)), Recorded::Done, "the same again");
+        assert_eq!(t.set(request(1, 0)), Recorded::Done, "a withdrawal");
+        assert_eq!(t.set(request(1, 5_000_000)), Recorded::Done, "looked for every 3 s already");
+        assert_eq!(t.set(request(1, 2_000_000)), Recorded::WakeWorker, "sooner than it looks");
+        t.watch();
+        assert_eq!(t.set(request(3, 2_000_000)), Recorded::Done);
+    }
+
+    #[test]
+    fn no_request_makes_the_worker_look_more_often_than_the_floor() {
+        let mut t = MakeWayTable::default();
+        assert_eq!(t.set(request(1, 1_000)), Recorded::WakeWorker);
+        t.watch();
+        for after in [1, 1_000, 50_000, LOOK_FLOOR] {
+            assert_eq!(
+                t.set(request(1, after)),
+                Recorded::Done,
+                "{after} µs is looked for every {LOOK_FLOOR} µs"
+            );
+        }
+        assert_eq!(look_every(1), LOOK_FLOOR);
+        assert_eq!(look_every(3_000_000), 3_000_000);
+    }
+
+    #[test]
+    fn once_every_request_is_gone_the_next_wakes_the_worker() {
+        let mut t = MakeWayTable::default();
+        t.set(request(1, 1_000_000));
+        t.watch();
+        t.set(request(1, 0));
+        assert_eq!(t.set(request(2, 1_000_000)), Recorded::Done, "the worker still looks every second");
+        t.set(request(2, 0));
+        assert!(t.watch().is_empty());
+        assert_eq!(t.set(request(2, 1_000_000)), Recorded::WakeWorker, "the worker stopped looking");
     }
 }

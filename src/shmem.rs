@@ -16,7 +16,7 @@ use crate::audit::{AuditQueue, Entry};
 use crate::counters::{Counters, Source, WorkerStatus};
 use crate::errors::raise;
 use crate::gate::{Admission, DbName, Gate, GateError, GateTable, Verdict};
-use crate::make_way::{MakeWayTable, Request};
+use crate::make_way::{MakeWayTable, Recorded, Request};
 use crate::policy::Micros;
 use crate::reasons::{ReasonTable, ReasonText};
 use crate::rules::{PublishedRules, RuleRow};
@@ -213,7 +213,7 @@ pub fn while_admitted(login: &Admission, act: impl FnOnce() -> bool) -> bool {
 }
 
 /// Records a session's `make_way_after` (see `make_way.rs`); false when the table is full.
-pub fn set_make_way(request: Request) -> bool {
+pub fn set_make_way(request: Request) -> Recorded {
     MAKE_WAY.exclusive().set(request)
 }
 
@@ -221,10 +221,11 @@ pub fn forget_make_way(pid: i32, started: Micros) {
     MAKE_WAY.exclusive().remove(pid, started);
 }
 
-/// Every session's `make_way_after` request.
-pub fn make_way_requests() -> Vec<Request> {
+/// Every session's `make_way_after` request, for the worker, which looks for each one's lock
+/// wait at least every `make_way::look_every(after)` until its next call.
+pub fn watch_make_way_requests() -> Vec<Request> {
     if preloaded() {
-        MAKE_WAY.share().requests()
+        MAKE_WAY.exclusive().watch()
     } else {
         Vec::new()
     }

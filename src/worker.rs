@@ -26,7 +26,7 @@ use crate::signal::{self, Signal};
 use crate::standby;
 use crate::sync;
 use crate::xmin_hold::Sightings;
-use crate::{errors, gucs};
+use crate::{errors, gucs, make_way};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -542,9 +542,14 @@ impl Worker {
         sessions: &HashMap<i32, Session>,
         protections: &Protections,
     ) -> Option<Micros> {
-        let requests = shmem::make_way_requests();
+        let requests = shmem::watch_make_way_requests();
         if requests.is_empty() {
             return None;
+        }
+        // Until the next read of the requests, as promised to the backends that made them: a
+        // look for lock waits finds a request's wait before it is due (at the floor, soon after).
+        for request in &requests {
+            self.lock_watch = earliest(self.lock_watch, Some(make_way::look_every(request.after)));
         }
         let locks = backends::locks();
         let found = lock_graph::blockers(&locks);
@@ -556,11 +561,7 @@ impl Worker {
             };
             let waiting_since =
                 locks.iter().filter(|e| e.pid == request.pid).find_map(|e| e.waiting).map(|(_, since)| since);
-            // Not waiting yet: a look for lock waits every `after` finds its wait before it is due.
-            let Some(waiting_since) = waiting_since else {
-                self.lock_watch = earliest(self.lock_watch, Some(request.after));
-                continue;
-            };
+            let Some(waiting_since) = waiting_since else { continue };
             let due = waiting_since + request.after;
             if due > now {
                 next = earliest(next, Some(due));

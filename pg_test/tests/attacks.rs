@@ -609,3 +609,38 @@ fn dry_run_filters_reveal_nothing_the_caller_may_not_see() {
     let rows = kill(s, &format!("'{db}', 'dry_run', client_addr => '127.0.0.0/8'"));
     assert_eq!(rows.keys().copied().collect::<Vec<_>>(), vec![idle.pid], "those who may see still filter");
 }
+
+/// Any role may set `session_kill.make_way_after`, and every change used to wake the worker for a
+/// scan of every session: a client changing it in a loop kept the worker scanning, and a client
+/// asking for 1 ms made it look at every process every millisecond. A change now wakes the worker
+/// only when it does not already look for lock waits often enough, and it looks at most every
+/// 100 ms; the request made during the loop is still served.
+#[test]
+fn a_client_changing_make_way_after_in_a_loop_cannot_keep_the_worker_scanning() {
+    let s = Server::start(&[]);
+    wait_for_described(Duration::from_secs(20), "the worker has loaded the rules table", || {
+        s.probe_one("SELECT rules_status IS NOT NULL FROM session_kill.worker", &[]).get(0)
+    });
+    s.admin().batch_execute(&format!("CREATE TABLE queue (id int); GRANT ALL ON queue TO {PLAIN}")).unwrap();
+    let mut attacker = s.connect("postgres", PLAIN);
+    attacker.batch_execute("SET session_kill.make_way_after = '1ms'").unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let before = worker_scans(&s);
+    let changes: String = (0..300)
+        .map(|i| format!("SET session_kill.make_way_after = '{}ms'; RESET session_kill.make_way_after; ", 1 + i % 7))
+        .collect();
+    for _ in 0..5 {
+        attacker.batch_execute(&changes).unwrap();
+    }
+    attacker.batch_execute("SET session_kill.make_way_after = '1ms'").unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let scans = worker_scans(&s) - before;
+    assert!(scans <= 2, "3000 changes of make_way_after made the worker scan {scans} times");
+
+    let mut holder = Session::idle_in_transaction(s.connect("postgres", PLAIN));
+    holder.client.batch_execute("LOCK queue").unwrap();
+    let waiter = ActiveSession::running(&s, attacker, "SET lock_timeout = '10s'; SELECT count(*) FROM queue");
+    assert_eq!(waiter.finish().0, Ok(()), "the holder was ended once the waiter had waited 1 ms");
+    assert_ended_by_admin_on(&s, holder.pid, holder.probe());
+    s.stop();
+}
