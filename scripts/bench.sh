@@ -3,7 +3,7 @@
 # benchmarks/results.md, one section per group of benchmark programs (pg_test/src/bin):
 #   core       bench_kill, bench_drain, bench_worker
 #   blockers   bench_blockers
-#   login      bench_login (pgbench -C with and without the library), bench_scan (the worker's scan
+#   login      bench_login (pgbench -C with and without the library; page faults; instructions by callgrind), bench_scan (the worker's scan
 #              per session under 1 and 256 rules)
 #   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
 #   standby    bench_standby (replay-lag limit on a real streaming standby; SESSION_KILL_BENCH_ROUNDS)

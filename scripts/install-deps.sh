@@ -4,7 +4,8 @@
 # - Debian packages: PostgreSQL 15 server + headers, clang and libclang (bindgen), gcc and libc6-dev
 #   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16 and 18
 #   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), and pgbouncer
-#   (the tests behind a pooler; its service left stopped);
+#   (the tests behind a pooler; its service left stopped), valgrind (the login benchmark counts
+#   instructions with callgrind);
 # - a Rust toolchain from rustup (Rust $RUST_VERSION of common.sh, minimal profile plus rustfmt),
 #   only if no cargo is found (PATH, then ~/.cargo/bin);
 # - cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
@@ -17,7 +18,7 @@ source scripts/common.sh
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang gcc libc6-dev
-  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates)
+  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates valgrind)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -72,12 +72,18 @@ pub struct CpuUse {
     pub runs: u64,
 }
 
+/// The numeric fields of /proc/<pid>/stat after the command name, from `state` (index 0) on:
+/// minflt is 7, cminflt 8, utime 11, stime 12, cutime 13, cstime 14 (see proc(5)).
+pub fn proc_stat(pid: i32) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect()
+}
+
 /// What process `pid` used of the CPU while `during` ran.
 pub fn cpu_share(pid: i32, during: impl FnOnce()) -> CpuUse {
     let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        let fields = proc_stat(pid);
+        fields[11] + fields[12]
     };
     // "time on CPU (ns)  time waiting to run (ns)  times run"
     let schedstat = || -> (u64, u64) {

@@ -627,7 +627,12 @@ fn a_client_changing_make_way_after_in_a_loop_cannot_keep_the_worker_scanning() 
     thread::sleep(Duration::from_secs(1));
     let before = worker_scans(&s);
     let changes: String = (0..300)
-        .map(|i| format!("SET session_kill.make_way_after = '{}ms'; RESET session_kill.make_way_after; ", 1 + i % 7))
+        .map(|i| {
+            format!(
+                "SET session_kill.make_way_after = '{}ms'; RESET session_kill.make_way_after; ",
+                1 + i % 7
+            )
+        })
         .collect();
     for _ in 0..5 {
         attacker.batch_execute(&changes).unwrap();

@@ -6,11 +6,17 @@
 //! with 64 gates closed (as many as the gate table holds, every one on another database, so each
 //! login checks them all and is still admitted). Short runs alternate between them, in an order
 //! that rotates every round, so a change in the machine's load hits all three alike.
+//!
+//! Wall-clock and CPU figures move with whatever else runs on the machine, so two counts that do
+//! not are taken as well: the minor page faults of the backends that served the runs, and, with
+//! each cluster restarted under valgrind's callgrind, the instructions each backend ran.
 
 use session_kill_pg_test::stats::{
-    clock_ticks_per_second, load_average, max, median, min, server_version, settle,
+    clock_ticks_per_second, load_average, max, median, min, proc_stat, server_version, settle,
 };
-use session_kill_pg_test::Server;
+use session_kill_pg_test::{run_checked, wait_for_described, Server};
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -22,6 +28,8 @@ const RUN_SECS: u32 = 3;
 const WARM_UP_SECS: u32 = 2;
 const CLIENTS: u32 = 2;
 const GATES: usize = 64;
+/// Logins traced by callgrind per set-up.
+const TRACED_LOGINS: usize = 12;
 
 #[derive(Clone, Copy, PartialEq)]
 enum SetUp {
@@ -81,6 +89,7 @@ fn main() {
         for (metric, of, worse_when_higher) in [
             ("connections/s", (|r: &Run| r.tps) as fn(&Run) -> f64, false),
             ("server CPU per connection, µs", |r: &Run| r.cpu_per_connection_us, true),
+            ("minor page faults per connection", |r: &Run| r.faults_per_connection, true),
         ] {
             let v: Vec<f64> = runs[k].iter().map(of).collect();
             let base: Vec<f64> = runs[0].iter().map(of).collect();
@@ -111,6 +120,32 @@ fn main() {
         "\nLoad average (1, 5, 15 min) at the start: {load_start}; at the end: {load_end}. Other engineers' builds share these {} cores.\n",
         thread::available_parallelism().map_or(0, |n| n.get())
     );
+
+    let counted: Vec<Instructions> = servers.iter().map(instructions).collect();
+    println!("#### Instructions per login (callgrind)\n");
+    println!(
+        "Each cluster restarted under `valgrind --tool=callgrind` and sent {TRACED_LOGINS} logins \
+         (`pgbench -n -C -S -c 1 -t {TRACED_LOGINS}`); medians over its backends of the instructions counted \
+         inclusively in PostgreSQL's functions: `PostgresMain` (all a backend runs once it has read the startup \
+         packet: authentication, session start-up, the query, exit), `ClientAuthentication` (where the gate's \
+         hook runs) and `shmem_exit` (where a backend forgets its admission). Exact counts, which the machine's \
+         load does not move; the kernel's part (fork, page faults, exit) is not in them, which is what the page \
+         faults above show.\n"
+    );
+    println!("| set-up | `PostgresMain` | change | `ClientAuthentication` | `shmem_exit` | backends |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (setup, c) in SetUp::ALL.iter().zip(&counted) {
+        let change = (c.backend - counted[0].backend) / counted[0].backend * 100.0;
+        println!(
+            "| {} | {:.0} | {change:+.2} % | {:.0} | {:.0} | {} |",
+            setup.name(),
+            c.backend,
+            c.authentication,
+            c.exit,
+            c.backends
+        );
+    }
+    println!();
 }
 
 /// Puts a fresh server into `setup`: the pgbench database; no preload, or 64 gates closed.
@@ -149,12 +184,13 @@ fn prepare(server: Server, setup: SetUp) -> Server {
 struct Run {
     tps: f64,
     cpu_per_connection_us: f64,
+    faults_per_connection: f64,
 }
 
 /// One pgbench run: connections per second, and the server's CPU per connection.
 fn pgbench(server: &Server, secs: u32) -> Run {
     let clients = CLIENTS.to_string();
-    let reaped_before = reaped_cpu_ticks(server);
+    let before = reaped(server);
     let out = server
         .client_program("pgbench")
         .args(["-n", "-C", "-S", "-c", &clients, "-j", &clients, "-T", &secs.to_string(), "bench"])
@@ -164,7 +200,7 @@ fn pgbench(server: &Server, secs: u32) -> Run {
     assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
     // The last connections' backends may still be exiting.
     thread::sleep(Duration::from_millis(300));
-    let ticks = reaped_cpu_ticks(server) - reaped_before;
+    let after = reaped(server);
     let number = |prefix: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
@@ -175,16 +211,114 @@ fn pgbench(server: &Server, secs: u32) -> Run {
     let connections = number("number of transactions actually processed: ");
     Run {
         tps: number("tps = "),
-        cpu_per_connection_us: ticks as f64 / clock_ticks_per_second() * 1e6 / connections,
+        cpu_per_connection_us: (after.cpu_ticks - before.cpu_ticks) as f64 / clock_ticks_per_second() * 1e6
+            / connections,
+        faults_per_connection: (after.minor_faults - before.minor_faults) as f64 / connections,
     }
 }
 
-/// CPU time (user + system, in clock ticks) of the postmaster's children that have exited and
-/// been waited for: every backend that served a connection and is gone.
-fn reaped_cpu_ticks(server: &Server) -> u64 {
+/// What the postmaster's children that have exited and been waited for used: every backend that
+/// served a connection and is gone.
+struct Reaped {
+    /// User + system CPU time, in clock ticks.
+    cpu_ticks: u64,
+    minor_faults: u64,
+}
+
+fn reaped(server: &Server) -> Reaped {
+    let fields = proc_stat(postmaster_pid(server));
+    Reaped { cpu_ticks: fields[13] + fields[14], minor_faults: fields[8] }
+}
+
+fn postmaster_pid(server: &Server) -> i32 {
     let pid = std::fs::read_to_string(server.datadir.join("postmaster.pid")).unwrap();
-    let pid = pid.lines().next().unwrap().trim();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    fields[13].parse::<u64>().unwrap() + fields[14].parse::<u64>().unwrap()
+    pid.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// Medians over a set-up's traced backends.
+struct Instructions {
+    backend: f64,
+    authentication: f64,
+    exit: f64,
+    backends: usize,
+}
+
+/// Restarts `server` under callgrind, makes `TRACED_LOGINS` logins, stops it (callgrind writes
+/// each process's counts as it exits) and reads the backends' counts.
+fn instructions(server: &Server) -> Instructions {
+    let traces = server.datadir.join("callgrind");
+    std::fs::create_dir_all(&traces).unwrap();
+    let wrapper = server.datadir.join("postgres-under-callgrind");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind -q --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            traces.display(),
+            server.bindir.join("postgres").display()
+        ),
+    )
+    .unwrap();
+    run_checked(Command::new("chmod").arg("755").arg(&wrapper));
+    run_checked(Command::new("chown").arg("postgres:").arg(&traces));
+    let log = server.log_path();
+    server.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    server.pg_ctl(&[
+        "-w",
+        "-t",
+        "600",
+        "-p",
+        wrapper.to_str().unwrap(),
+        "-l",
+        log.to_str().unwrap(),
+        "start",
+    ]);
+    let logins = TRACED_LOGINS.to_string();
+    let out = server
+        .client_program("pgbench")
+        .args(["-n", "-C", "-S", "-c", "1", "-t", &logins, "bench"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench under callgrind: {}", String::from_utf8_lossy(&out.stderr));
+    server.pg_ctl(&["-w", "-t", "600", "-m", "fast", "stop"]);
+    // The postmaster removes its PID file before callgrind has written its own trace.
+    wait_for_described(Duration::from_secs(60), "every traced process has exited", || {
+        !Command::new("pgrep").arg("-f").arg(&traces).output().unwrap().status.success()
+    });
+
+    let (mut backend, mut authentication, mut exit) = (Vec::new(), Vec::new(), Vec::new());
+    for trace in std::fs::read_dir(&traces).unwrap() {
+        let counts = annotate(&trace.unwrap().path());
+        // Only backends run PostgresMain; the postmaster and the other processes do not.
+        if let Some(main) = counts("PostgresMain") {
+            backend.push(main);
+            authentication.push(counts("ClientAuthentication").unwrap_or(0.0));
+            exit.push(counts("shmem_exit").unwrap_or(0.0));
+        }
+    }
+    assert!(backend.len() >= TRACED_LOGINS, "{} traced backends for {TRACED_LOGINS} logins", backend.len());
+    Instructions {
+        backend: median(&backend),
+        authentication: median(&authentication),
+        exit: median(&exit),
+        backends: backend.len(),
+    }
+}
+
+/// A callgrind trace's inclusive instruction counts, by function name.
+fn annotate(trace: &Path) -> impl Fn(&str) -> Option<f64> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(trace)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "callgrind_annotate: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "  3,286,349 ( 6.48%)  ???:PostgresMain [/usr/lib/postgresql/15/bin/postgres]"
+    move |function: &str| {
+        text.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            let count = words.next()?.replace(',', "").parse::<f64>().ok()?;
+            words.any(|w| w.rsplit_once(':').is_some_and(|(_, name)| name == function)).then_some(count)
+        })
+    }
 }
