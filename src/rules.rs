@@ -333,8 +333,11 @@ pub struct Verdict<'a> {
 /// once per identity, not once per session. Valid for one rule set and one scan.
 #[derive(Default)]
 pub struct MatchCache {
-    matching: HashMap<(u32, Option<String>, String, Option<IpAddr>), Vec<usize>>,
+    matching: HashMap<Identity, Vec<usize>>,
 }
+
+/// What the rules' patterns look at: database OID, role, application, client address.
+type Identity = (u32, Option<String>, String, Option<IpAddr>);
 
 /// Every enabled rule, highest priority first.
 #[derive(Debug, Clone, Default)]

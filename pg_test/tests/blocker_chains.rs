@@ -312,6 +312,17 @@ fn blocker_timeout_ends_only_the_head_of_a_chain_of_three() {
     s.stop();
 }
 
+/// A session of `app` running `sql` (which locks t and sleeps), and another waiting for its
+/// lock, with the server's clock just before the wait began.
+fn blocker_and_waiter(s: &Server, sql: &str) -> (Running, Running, String) {
+    let blocker = Running::start(s, s.connect("postgres", APP), sql);
+    wait_until_sleeping(s, blocker.pid);
+    let before_wait = server_now(s);
+    let waiter = Running::start(s, s.connect("postgres", APP), "SELECT count(*) FROM t");
+    wait_until_waiting(s, waiter.pid);
+    (blocker, waiter, before_wait)
+}
+
 /// Under a cancel_then_terminate rule the worker first cancels a blocker's running statement.
 /// Here the lock was taken before a savepoint, so the cancel aborts only the savepoint and the
 /// transaction (now idle, aborted) still holds the lock: after the rule's grace it is terminated.
@@ -320,17 +331,10 @@ fn a_running_blocker_that_keeps_its_lock_after_the_cancel_is_terminated_after_gr
     let s = Server::start(&[]);
     app_tables(&s, &["t"]);
     let rule = add_rule(&s, "'app', 'blocking', '1s', 'cancel_then_terminate', '5s'");
-    let a = Running::start(
+    let (a, waiter, _) = blocker_and_waiter(
         &s,
-        s.connect("postgres", APP),
         "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SAVEPOINT report; SELECT pg_sleep(60)",
     );
-    wait_until_sleeping(&s, a.pid);
-    // The waiter's wait begins after this, so the cancel comes 1 s after it at the earliest and
-    // the end of its grace 2 s after it.
-    let before_wait = server_now(&s);
-    let waiter = Running::start(&s, s.connect("postgres", APP), "SELECT count(*) FROM t");
-    wait_until_waiting(&s, waiter.pid);
 
     let (mut a, told) = a.finish();
     let (code, detail) = told.expect_err("the statement was cancelled");
@@ -379,17 +383,9 @@ fn a_running_blocker_whose_cancel_releases_the_lock_is_only_cancelled() {
     let s = Server::start(&[]);
     app_tables(&s, &["t"]);
     let rule = add_rule(&s, "'app', 'blocking', '1s', 'cancel_then_terminate', '1s'");
-    let a = Running::start(
-        &s,
-        s.connect("postgres", APP),
-        "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)",
-    );
-    wait_until_sleeping(&s, a.pid);
-    // The waiter's wait begins after this, so the cancel comes 1 s after it at the earliest and
-    // the end of its grace 2 s after it.
-    let before_wait = server_now(&s);
-    let waiter = Running::start(&s, s.connect("postgres", APP), "SELECT count(*) FROM t");
-    wait_until_waiting(&s, waiter.pid);
+    let (a, waiter, before_wait) =
+        blocker_and_waiter(&s, "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)");
+    // The cancel comes 1 s after the wait began at the earliest, the end of its grace 2 s after.
 
     let (mut a, told) = a.finish();
     let (code, detail) = told.expect_err("the statement was cancelled");

@@ -39,11 +39,6 @@ fn hold(s: &Server, pid: i32) -> (Option<i32>, Option<f64>, Option<f64>, Option<
     (r.get(0), r.get(1), r.get(2), r.get(3))
 }
 
-/// Seconds the current xmin has been held, by `sessions()`.
-fn held_for(s: &Server, pid: i32) -> f64 {
-    hold(s, pid).1.unwrap_or_else(|| panic!("pid {pid} holds no xmin"))
-}
-
 #[track_caller]
 fn assert_close(actual: f64, expected: f64, what: &str) {
     assert!((actual - expected).abs() < 0.05, "{what}: {actual} s, expected {expected} s");

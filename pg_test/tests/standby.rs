@@ -66,14 +66,13 @@ fn startup_wait(standby: &Server) -> String {
         .get(0)
 }
 
+/// How a standby query's statement ended: its error's SQLSTATE and DETAIL, if any, and its client.
+type Ended = (Option<String>, Option<String>, postgres::Client);
+
 /// A standby session that runs `setup`, then `SELECT pg_sleep(60)` in the same transaction
 /// (so it keeps what `setup` took: a snapshot, a lock). Joining yields the SQLSTATE and DETAIL
 /// of the error that ended its statement, if any.
-fn standby_query(
-    standby: &Server,
-    user: &str,
-    setup: &str,
-) -> (i32, JoinHandle<(Option<String>, Option<String>, postgres::Client)>) {
+fn standby_query(standby: &Server, user: &str, setup: &str) -> (i32, JoinHandle<Ended>) {
     let mut client = standby.connect("postgres", user);
     let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     client.batch_execute(setup).unwrap();

@@ -25,7 +25,7 @@ fn rounds() -> usize {
     std::env::var("SESSION_KILL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30)
 }
 const RUN_SECS: u32 = 3;
-const WARM_UP_SECS: u32 = 2;
+const WARM_UP_SECS: u32 = 1;
 const CLIENTS: u32 = 2;
 const GATES: usize = 64;
 /// Logins traced by callgrind per set-up.
@@ -55,16 +55,17 @@ fn main() {
     let servers: Vec<Server> = SetUp::ALL.iter().map(|setup| prepare(Server::start(&conf), *setup)).collect();
     let version = server_version(&servers[0]);
     let load_start = load_average();
-    for server in &servers {
-        pgbench(server, WARM_UP_SECS);
-    }
-
     let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
     // Round r runs the set-ups rotated by r, so none is always first after another.
     for round in 0..rounds() {
         for i in 0..SetUp::ALL.len() {
             let k = (i + round) % SetUp::ALL.len();
-            runs[k].push(pgbench(&servers[k], RUN_SECS));
+            // Each start lays out the postmaster's address space anew (ASLR), which moves the
+            // page faults of every backend it forks: a restart per run averages that out.
+            let server = &servers[k];
+            server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+            pgbench(server, WARM_UP_SECS);
+            runs[k].push(pgbench(server, RUN_SECS));
         }
     }
     let load_end = load_average();
@@ -73,8 +74,10 @@ fn main() {
     println!(
         "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
          read-only transaction; scale 1), in {} interleaved rounds per set-up, against three clusters of the same \
-         installation running side by side (autovacuum off; each warmed up for {WARM_UP_SECS} s first); the \
-         set-ups' order rotates every round. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
+         installation running side by side (autovacuum off); the set-ups' order rotates every round. Each run \
+         has a postmaster restarted just before it (then warmed up for {WARM_UP_SECS} s): every start lays out the \
+         address space anew (ASLR), which moved the page faults per connection by up to 45 between two starts \
+         of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock, so it moves with whatever else runs on the machine. *Server CPU per connection* is the CPU \
          time of the backends that served the run (the postmaster's reaped children: `cutime + cstime` in \
          `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
