@@ -78,7 +78,59 @@ pub fn init() {
     pg_shmem_init!(SIGHTINGS = PublishedSightings::default());
     pg_shmem_init!(WORKER_PID);
     pg_shmem_init!(WAKE_REQUESTS);
+    // SAFETY: _PG_init runs once in the postmaster; registered last, this hook runs first and
+    // calls the others (the structures' initialisation) before it does its own part.
+    unsafe {
+        PREVIOUS_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(after_shmem_startup);
+    }
     PRELOADED.store(true, Ordering::Relaxed);
+}
+
+static mut PREVIOUS_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn after_shmem_startup() {
+    // SAFETY: the previous hook is pgrx's initialisation of the structures above (and whatever
+    // another library registered before it).
+    unsafe {
+        if let Some(previous) = PREVIOUS_SHMEM_STARTUP_HOOK {
+            previous();
+        }
+    }
+    // SAFETY: in the postmaster, signals are blocked while shared memory is set up at start;
+    // before PostgreSQL 16 a crash restart sets it up in a signal handler, with the other
+    // signals blocked. Either way no signal frame lives below this frame during the call.
+    if unsafe { !pg_sys::IsUnderPostmaster } {
+        release_stack_below_here();
+    }
+}
+
+/// Gives back the stack pages below the current frame. pgrx builds each structure's first value
+/// on the stack and copies it into shared memory (the audit queue alone is 1 MB), which left the
+/// postmaster 3 MB of stack it never uses again. Every fork copied their page table entries and
+/// every exit freed them: 10 % more CPU per login (benchmarks/results.md, "The cost on every
+/// login"). Nothing lives below the stack pointer, and a page given back is a zero page again
+/// if the stack ever grows that deep.
+fn release_stack_below_here() {
+    const MARGIN: usize = 64 * 1024;
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let Some(lowest) = maps
+        .lines()
+        .find(|line| line.ends_with("[stack]"))
+        .and_then(|line| usize::from_str_radix(line.split('-').next()?, 16).ok())
+    else {
+        return;
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let here = &raw const maps as usize;
+    let below = here.saturating_sub(MARGIN) & !(page - 1);
+    if below > lowest {
+        // SAFETY: [lowest, below) is stack below this frame and a margin, which no live frame
+        // uses (see the caller); MADV_DONTNEED keeps the mapping and drops its pages.
+        unsafe { libc::madvise(lowest as *mut libc::c_void, below - lowest, libc::MADV_DONTNEED) };
+    }
 }
 
 pub fn preloaded() -> bool {
