@@ -53,16 +53,10 @@ impl Measure {
         Measure::Snapshot,
         Measure::ReplayLag,
     ];
-    const ALL: [Measure; 8] = [
-        Measure::Idle,
-        Measure::IdleInTransaction,
-        Measure::Transaction,
-        Measure::Active,
-        Measure::Blocking,
-        Measure::Snapshot,
-        Measure::SnapshotXidAge,
-        Measure::ReplayLag,
-    ];
+    /// Every kind of limit: the states, and the xid-age limit that only the setting sets.
+    fn all() -> impl Iterator<Item = Measure> {
+        Measure::STATES.into_iter().chain([Measure::SnapshotXidAge])
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -407,7 +401,7 @@ impl RuleSet {
     }
 
     fn verdict_among(&self, s: &Session, matching: &[usize]) -> Option<Verdict<'_>> {
-        Measure::ALL.iter().filter_map(|kind| self.governing(*kind, s, matching)).min_by_key(|v| v.deadline)
+        Measure::all().filter_map(|kind| self.governing(kind, s, matching)).min_by_key(|v| v.deadline)
     }
 
     /// Among the matching rules of one kind, the one with the highest priority (rules are sorted

@@ -52,6 +52,22 @@ pub fn settle(server: &crate::Server) {
     });
 }
 
+/// What the worker uses of the CPU, and how many scans it makes, over `window`: once the
+/// settings just reloaded are in force, earlier audit writes are done and the worker has settled
+/// into its new schedule (2 s).
+pub fn worker_cpu(server: &crate::Server, window: std::time::Duration) -> (CpuUse, u64) {
+    settle(server);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let row = server.probe_one(
+        "SELECT pid, scans FROM pg_stat_activity, session_kill.worker WHERE backend_type = 'session_kill worker'",
+        &[],
+    );
+    let (pid, before): (i32, i64) = (row.get(0), row.get(1));
+    let used = cpu_share(pid, || std::thread::sleep(window));
+    let after: i64 = server.probe_one("SELECT scans FROM session_kill.worker", &[]).get(0);
+    (used, (after - before) as u64)
+}
+
 /// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -19,7 +19,7 @@
 //! and before each round every server's audit writes from earlier rounds are settled.
 
 use session_kill_pg_test::stats::{
-    clock_ticks_per_second, cpu_share, load_average, server_version, settle, CpuUse,
+    clock_ticks_per_second, cpu_share, load_average, percentile, server_version, settle, worker_cpu, CpuUse,
 };
 use session_kill_pg_test::{error_code, Server, APP, APP_MEMBER};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -350,13 +350,6 @@ struct Cpu {
 fn measure_cpu(server: &Server) -> Vec<Cpu> {
     let _idle = session_kill_pg_test::stats::open_idle(server, "postgres", APP, SESSIONS);
     let mut admin = server.admin();
-    let worker: i32 = admin
-        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
-        .unwrap()
-        .get(0);
-    let scans = |admin: &mut postgres::Client| -> i64 {
-        admin.query_one("SELECT scans FROM session_kill.worker", &[]).unwrap().get(0)
-    };
     let mut out = Vec::new();
     for (settings, label) in [
         (
@@ -380,11 +373,7 @@ fn measure_cpu(server: &Server) -> Vec<Cpu> {
             admin.batch_execute(&format!("ALTER SYSTEM SET {setting}")).unwrap();
         }
         admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-        settle(server);
-        thread::sleep(Duration::from_secs(2));
-        let before = scans(&mut admin);
-        let used = cpu_share(worker, || thread::sleep(CPU_WINDOW));
-        let scans = (scans(&mut admin) - before) as u64;
+        let (used, scans) = worker_cpu(server, CPU_WINDOW);
         out.push(Cpu { label: label.to_owned(), used, scans });
     }
     let mut poller = server.admin();
@@ -436,7 +425,13 @@ fn print_section(
             if v.is_empty() {
                 return "— | — | — | —".to_owned();
             }
-            format!("{:.1} | {:.1} | {:.1} | {:.1}", pct(v, 0.5), pct(v, 0.9), pct(v, 0.99), pct(v, 1.0))
+            format!(
+                "{:.1} | {:.1} | {:.1} | {:.1}",
+                percentile(v, 0.5),
+                percentile(v, 0.9),
+                percentile(v, 0.99),
+                percentile(v, 1.0)
+            )
         };
         let through = if *m == Method::Retry && r.rounds > 0 {
             let attempts = dedup_counts(&r.attempts);
@@ -448,8 +443,8 @@ fn print_section(
             } else {
                 format!(
                     "; gave up after {:.1}–{:.1} s, last attempt failing with {}; the blocker stays (ended by the harness)",
-                    pct(&r.gave_up_after, 0.0),
-                    pct(&r.gave_up_after, 1.0),
+                    percentile(&r.gave_up_after, 0.0),
+                    percentile(&r.gave_up_after, 1.0),
                     errors.join(", ")
                 )
             };
@@ -475,19 +470,19 @@ fn print_section(
         if !w.worker_says.is_empty() {
             println!(
                 "\nThe worker's own log line (`session_kill.blocker_timeout exceeded by … ms`, its clock when it decided) puts its decision at p50 {:.1} / p99 {:.1} / max {:.1} ms past the limit; the rest of *blocker ended* is the signal reaching the blocker and its FATAL being written.",
-                pct(&w.worker_says, 0.5),
-                pct(&w.worker_says, 0.99),
-                pct(&w.worker_says, 1.0)
+                percentile(&w.worker_says, 0.5),
+                percentile(&w.worker_says, 0.99),
+                percentile(&w.worker_says, 1.0)
             );
         }
     }
     println!(
         "\nFor reference, the machine's scheduling delay during the same rounds: a thread of this benchmark sleeping to random deadlines ({} sleeps of 0–1 s, no PostgreSQL involved) woke p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms late. The worker waits on its latch to a deadline the same way (rounded up to whole ms), so it pays that delay too.",
         reference.len(),
-        pct(reference, 0.5),
-        pct(reference, 0.9),
-        pct(reference, 0.99),
-        pct(reference, 1.0)
+        percentile(reference, 0.5),
+        percentile(reference, 0.9),
+        percentile(reference, 0.99),
+        percentile(reference, 1.0)
     );
     println!(
         "\n#### CPU with {SESSIONS} idle sessions, nothing blocked\n\n\
@@ -518,12 +513,6 @@ fn print_section(
 }
 
 /// Nearest-rank percentile.
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1]
-}
-
 /// "4 (×9), 5 (×1)": how often each value occurs.
 fn dedup_counts(v: &[u32]) -> Vec<String> {
     let mut s = v.to_vec();

@@ -3,7 +3,7 @@
 //! limit that no session reaches, so the worker scans every second; its CPU per scan comes from
 //! `/proc/<pid>/schedstat` and its own scan count. Prints a Markdown section.
 
-use session_kill_pg_test::stats::{cpu_share, load_average, server_version, settle};
+use session_kill_pg_test::stats::{load_average, server_version, worker_cpu};
 use session_kill_pg_test::{wait_for_described, Server, APP};
 use std::thread;
 use std::time::Duration;
@@ -94,18 +94,7 @@ fn measure_scans(server: &Server) -> Vec<ScanCost> {
         }
         for rules in [1, 256] {
             load_rules(server, &mut admin, rules);
-            settle(server);
-            thread::sleep(Duration::from_secs(2));
-            let worker: i32 = admin
-                .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
-                .unwrap()
-                .get(0);
-            let count = |admin: &mut postgres::Client| -> i64 {
-                admin.query_one("SELECT scans FROM session_kill.worker", &[]).unwrap().get(0)
-            };
-            let before = count(&mut admin);
-            let used = cpu_share(worker, || thread::sleep(CPU_WINDOW));
-            let scans = (count(&mut admin) - before) as u64;
+            let (used, scans) = worker_cpu(server, CPU_WINDOW);
             out.push(ScanCost {
                 rules,
                 sessions,

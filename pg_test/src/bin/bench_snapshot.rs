@@ -10,7 +10,7 @@
 //! `query_start` + 1 s; lateness = the server log's timestamp (`%n`) of its `FATAL: terminating
 //! connection` minus the limit.
 
-use session_kill_pg_test::stats::{cpu_share, load_average, open_idle, percentile, server_version, settle};
+use session_kill_pg_test::stats::{load_average, open_idle, percentile, server_version, settle, worker_cpu};
 use session_kill_pg_test::{wait_for_described, Server, APP};
 use std::thread;
 use std::time::Duration;
@@ -120,10 +120,6 @@ fn wait_for_termination(server: &Server, pid: i32) -> f64 {
 fn measure_cpu(server: &Server) -> Vec<(String, f64, i64)> {
     let _idle = open_idle(server, "postgres", APP, SESSIONS);
     let mut admin = server.admin();
-    let worker: i32 = admin
-        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'session_kill worker'", &[])
-        .unwrap()
-        .get(0);
     let mut out = Vec::new();
     for (settings, label) in [
         (&[][..], "`snapshot_timeout = '1s'` (scans every 1 s)"),
@@ -137,14 +133,8 @@ fn measure_cpu(server: &Server) -> Vec<(String, f64, i64)> {
             admin.batch_execute(&format!("ALTER SYSTEM SET {setting}")).unwrap();
         }
         admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-        settle(server);
-        thread::sleep(Duration::from_secs(2));
-        let scans = |admin: &mut postgres::Client| -> i64 {
-            admin.query_one("SELECT scans FROM session_kill.worker", &[]).unwrap().get(0)
-        };
-        let before = scans(&mut admin);
-        let used = cpu_share(worker, || thread::sleep(CPU_WINDOW));
-        out.push((label.to_owned(), used.exact, scans(&mut admin) - before));
+        let (used, scans) = worker_cpu(server, CPU_WINDOW);
+        out.push((label.to_owned(), used.exact, scans as i64));
     }
     out
 }

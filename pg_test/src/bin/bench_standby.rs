@@ -4,7 +4,7 @@
 //! the worker costs on the standby while replay is held back by nobody. Prints a Markdown
 //! section. `SESSION_KILL_BENCH_ROUNDS` sets the rounds per conflict (default 20).
 
-use session_kill_pg_test::stats::{cpu_share, load_average, max, median, server_version};
+use session_kill_pg_test::stats::{cpu_share, load_average, max, median, percentile, server_version};
 use session_kill_pg_test::{error_code, wait_for, Server, APP, QUERY_CANCELED};
 use std::collections::HashMap;
 use std::thread;
@@ -47,11 +47,6 @@ fn main() {
     println!("| conflict | p50 | p99 | max | cancelled |\n|---|---:|---:|---:|---:|");
     for conflict in [Conflict::Lock, Conflict::Snapshot] {
         let late: Vec<f64> = (0..rounds).filter_map(|i| round(&primary, &standby, conflict, i)).collect();
-        let mut sorted = late.clone();
-        sorted.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            sorted.get(((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len().max(1)) - 1).copied()
-        };
         println!(
             "| {} | {:.1} | {:.1} | {:.1} | {}/{rounds} |",
             match conflict {
@@ -59,7 +54,7 @@ fn main() {
                 Conflict::Snapshot => "snapshot (`DELETE` + `VACUUM` on the primary)",
             },
             if late.is_empty() { f64::NAN } else { median(&late) },
-            pct(0.99).unwrap_or(f64::NAN),
+            percentile(&late, 0.99),
             max(&late),
             late.len()
         );
