@@ -58,10 +58,7 @@ pub fn settle(server: &crate::Server) {
 pub fn worker_cpu(server: &crate::Server, window: std::time::Duration) -> (CpuUse, u64) {
     settle(server);
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let row = server.probe_one(
-        "SELECT pid, scans FROM pg_stat_activity, session_kill.worker WHERE backend_type = 'session_kill worker'",
-        &[],
-    );
+    let row = server.probe_one("SELECT pid, scans FROM session_kill.worker", &[]);
     let (pid, before): (i32, i64) = (row.get(0), row.get(1));
     let used = cpu_share(pid, || std::thread::sleep(window));
     let after: i64 = server.probe_one("SELECT scans FROM session_kill.worker", &[]).get(0);
