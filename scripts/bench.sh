@@ -8,16 +8,16 @@
 #   pgbouncer  bench_pgbouncer (behind a real PgBouncer: Debian's package, which install-deps.sh installs)
 #   standby    bench_standby (replay-lag limit on a real streaming standby; SESSION_KILL_BENCH_ROUNDS)
 #   horizon    bench_snapshot (snapshot_timeout lateness; the snapshot limits' idle cost)
-# Usage: scripts/bench.sh [--only GROUP] [15|16|18 ...]   (default: every group, all three majors)
+# Usage: scripts/bench.sh [--only GROUP] [15|16|17|18 ...]   (default: every group, all four majors)
 # Each section states the command, commit, date and machine that produced it. With --only, the
 # other groups' sections are kept as they were (with their own command and commit).
-# SESSION_KILL_PG15_CONFIG / _PG16_ / _PG18_CONFIG: the pg_config of another private
+# SESSION_KILL_PG15_CONFIG / _PG16_ / _PG17_ / _PG18_CONFIG: the pg_config of another private
 # installation to install into and run against (default: the tests' private installations);
 # SESSION_KILL_TEST_ROOT: where the benchmarks' clusters go (default: /var/tmp/session_kill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="scripts/bench.sh $*"
-for var in SESSION_KILL_BENCH_ROUNDS SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG16_CONFIG SESSION_KILL_PG15_CONFIG; do
+for var in SESSION_KILL_BENCH_ROUNDS SESSION_KILL_TEST_ROOT SESSION_KILL_PG18_CONFIG SESSION_KILL_PG17_CONFIG SESSION_KILL_PG16_CONFIG SESSION_KILL_PG15_CONFIG; do
   [[ -z ${!var:-} ]] || command="$var=${!var} $command"
 done
 source scripts/common.sh

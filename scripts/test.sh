@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of session_kill on PostgreSQL 15, 16 and 18, installing what is missing first:
+# Runs every test of session_kill on PostgreSQL 15, 16, 17 and 18, installing what is missing first:
 #   1. plain `cargo test` of the pure policy module;
 #   2. `cargo pgrx test`: in-backend tests in a server with the library preloaded;
 #   3. pg_test/: integration tests against a real preloaded server with many real clients,
@@ -9,7 +9,7 @@
 #      Debian's PostgreSQL 15 and smoke-tested in a clean cluster, then removed; META.json.
 # Tests install into private installations, never into the demo's; the package tier installs the
 # package into Debian's PostgreSQL 15, and puts back the files it replaced when it removes it.
-# Usage: scripts/test.sh [15|16|18 ...]   (default: all three)
+# Usage: scripts/test.sh [15|16|17|18 ...]   (default: all four)
 # SESSION_KILL_TEST_ROOT (default /var/tmp/session_kill) holds the test clusters; a run clears the
 # clusters of earlier runs there, so concurrent runs on one machine need different roots.
 set -euo pipefail

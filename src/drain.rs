@@ -22,7 +22,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use std::collections::HashSet;
-use std::ffi::{CStr, CString};
+use std::ffi::{c_char, CStr, CString};
 use std::time::{Duration, Instant};
 
 static mut PREVIOUS_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type = None;
@@ -48,12 +48,13 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
         // Physical replication belongs to no database; a logical replication connection
         // (replication=database) can run SQL in its database, so it passes the gate like a client.
         let physical_replication = pg_sys::am_walsender && !pg_sys::am_db_walsender;
-        if status != pg_sys::STATUS_OK as i32 || physical_replication || (*port).database_name.is_null() {
+        let (database_name, user_name) = login_names(port);
+        if status != pg_sys::STATUS_OK as i32 || physical_replication || database_name.is_null() {
             return;
         }
-        let datname = DbName::new(&CStr::from_ptr((*port).database_name).to_string_lossy());
+        let datname = DbName::new(&CStr::from_ptr(database_name).to_string_lossy());
         let now = backends::now();
-        let role = pg_sys::get_role_oid((*port).user_name, true);
+        let role = pg_sys::get_role_oid(user_name, true);
         let (pid, started) = backends::own_key();
         let login = Admission {
             pid,
@@ -88,6 +89,27 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             ))
             .report(PgLogLevel::FATAL);
         }
+    }
+}
+
+/// The database and role names a login asked for, from its `Port`.
+#[cfg(not(feature = "pg17"))]
+pub(crate) unsafe fn login_names(port: *const Port) -> (*const c_char, *const c_char) {
+    // SAFETY: port is a valid Port, whose layout pgrx binds correctly on this major.
+    unsafe { ((*port).database_name, (*port).user_name) }
+}
+
+/// The database and role names a login asked for, from its `Port`. pgrx 0.18 binds 17's `Port`
+/// with `canAcceptConnections`, which 17 removed, so its `database_name` is really `user_name` and
+/// its `user_name` is `cmdline_options` (usually NULL: a crash at every login). In 17 both
+/// names directly follow `remote_port`, whose offset pgrx has right.
+#[cfg(feature = "pg17")]
+pub(crate) unsafe fn login_names(port: *const Port) -> (*const c_char, *const c_char) {
+    // SAFETY: port is a valid Port; the two pointer-sized, pointer-aligned fields after
+    // remote_port are database_name and user_name (libpq/libpq-be.h of PostgreSQL 17).
+    unsafe {
+        let names = std::ptr::addr_of!((*port).remote_port).add(1).cast::<*const c_char>();
+        (*names, *names.add(1))
     }
 }
 

@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 mod tests {
     use crate::backends;
     use pgrx::prelude::*;
+    use std::ffi::CStr;
 
     fn kill(args: &str) -> Vec<(i32, String, String)> {
         Spi::connect(|client| {
@@ -89,6 +90,19 @@ mod tests {
         let in_horizon: Option<i64> =
             Spi::get_one("SELECT count(*) FROM session_kill.horizon() WHERE pid = pg_backend_pid()").unwrap();
         assert_eq!(in_horizon, Some(0), "the caller's own snapshot is left out");
+    }
+
+    /// The drain gate reads these from `Port`, whose layout pgrx 0.18 has wrong on 17.
+    #[pg_test]
+    fn login_names_are_the_ones_this_session_logged_in_with() {
+        // SAFETY: MyProcPort is this client backend's Port, set before any statement runs.
+        let (database, user) = unsafe { crate::drain::login_names(pg_sys::libpq::be::MyProcPort) };
+        // SAFETY: both are NUL-terminated strings of the Port, as in the gate.
+        let (database, user) = unsafe { (CStr::from_ptr(database), CStr::from_ptr(user)) };
+        let expected: (Option<String>, Option<String>) =
+            Spi::get_two("SELECT current_database()::text, session_user::text").unwrap();
+        assert_eq!(database.to_str().ok(), expected.0.as_deref());
+        assert_eq!(user.to_str().ok(), expected.1.as_deref());
     }
 
     #[pg_test]

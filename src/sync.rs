@@ -233,9 +233,9 @@ fn handle_sigterm_like_a_backend() {
     // SAFETY: installs the standard backend handler, then unblocks signals, as a worker's main
     // function does first.
     unsafe {
-        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
         pg_sys::pqsignal(libc::SIGTERM, Some(die));
-        #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+        #[cfg(not(any(feature = "pg15", feature = "pg16", feature = "pg17")))]
         pg_sys::pqsignal_be(libc::SIGTERM, Some(die));
         pg_sys::BackgroundWorkerUnblockSignals();
     }
