@@ -4,8 +4,8 @@
 //! socket) against three clusters of the same installation, running side by side: one without
 //! `shared_preload_libraries`; one with session_kill preloaded and no gate closed; one preloaded
 //! with 64 gates closed (as many as the gate table holds, every one on another database, so each
-//! login checks them all and is still admitted). Short runs alternate between them, in an order
-//! that rotates every round, so a change in the machine's load hits all three alike.
+//! login checks them all and is still admitted). Each round runs against all three at the same
+//! time, one client each, so a change in the machine's speed hits all three alike.
 //!
 //! Wall-clock and CPU figures move with whatever else runs on the machine, so two counts that do
 //! not are taken as well: the minor page faults of the backends that served the runs, and, with
@@ -26,7 +26,7 @@ fn rounds() -> usize {
 }
 const RUN_SECS: u32 = 3;
 const WARM_UP_SECS: u32 = 1;
-const CLIENTS: u32 = 2;
+const CLIENTS: u32 = 1;
 const GATES: usize = 64;
 /// Logins traced by callgrind per set-up.
 const TRACED_LOGINS: usize = 12;
@@ -56,15 +56,12 @@ fn main() {
     let version = server_version(&servers[0]);
     let load_start = load_average();
     let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
-    // Round r runs the set-ups rotated by r, so none is always first after another.
-    for round in 0..rounds() {
-        for i in 0..SetUp::ALL.len() {
-            let k = (i + round) % SetUp::ALL.len();
+    for _ in 0..rounds() {
+        for (server, setup) in servers.iter().zip(SetUp::ALL) {
             // Each start lays out the postmaster's address space anew (ASLR), which moves the
-            // page faults of every backend it forks: a restart per run averages that out.
-            let server = &servers[k];
+            // page faults of every backend it forks: a restart per round averages that out.
             server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
-            if SetUp::ALL[k] != SetUp::NotLoaded {
+            if setup != SetUp::NotLoaded {
                 // The worker starts a sync at start-up: a child of the postmaster whose CPU would
                 // count as the connections' if it exited during the run.
                 wait_for_described(Duration::from_secs(30), "the worker's first sync", || {
@@ -74,8 +71,10 @@ fn main() {
                 });
                 settle(server);
             }
-            pgbench(server, WARM_UP_SECS);
-            runs[k].push(pgbench(server, RUN_SECS));
+        }
+        all_at_once(&servers, WARM_UP_SECS);
+        for (k, run) in all_at_once(&servers, RUN_SECS).into_iter().enumerate() {
+            runs[k].push(run);
         }
     }
     let load_end = load_average();
@@ -83,15 +82,16 @@ fn main() {
     println!("### The cost on every login ({version})\n");
     println!(
         "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
-         read-only transaction; scale 1), in {} interleaved rounds per set-up, against three clusters of the same \
-         installation running side by side (autovacuum off); the set-ups' order rotates every round. Each run \
-         has a postmaster restarted just before it (then, once the worker's start-up sync is done, warmed up for {WARM_UP_SECS} s): every start lays out the \
-         address space anew (ASLR), which moved the page faults per connection by up to 45 between two starts \
-         of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
-         wall-clock, so it moves with whatever else runs on the machine. *Server CPU per connection* is the CPU \
+         read-only transaction; scale 1), {} rounds, against three clusters of the same installation (autovacuum \
+         off), all three at the same time in each round, so that the machine's speed, which drifts by ±25 % \
+         over minutes here, is the same for all three within a round. Before each round every postmaster is \
+         restarted (then, once the worker's start-up sync is done, all three are warmed up for {WARM_UP_SECS} s): \
+         every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
+         between two starts of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
+         wall-clock. *Server CPU per connection* is the CPU \
          time of the backends that served the run (the postmaster's reaped children: `cutime + cstime` in \
          `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
-         the server, which other load on the machine barely moves. The overhead is against the median without \
+         the server. The overhead is against the median without \
          session_kill; *paired* is the median over rounds of each round's change against the run without \
          session_kill in the same round.\n",
         rounds()
@@ -198,6 +198,15 @@ struct Run {
     tps: f64,
     cpu_per_connection_us: f64,
     faults_per_connection: f64,
+}
+
+/// A pgbench run against every server at the same time: whatever else slows the machine down
+/// slows all of them alike.
+fn all_at_once(servers: &[Server], secs: u32) -> Vec<Run> {
+    thread::scope(|scope| {
+        let runs: Vec<_> = servers.iter().map(|server| scope.spawn(move || pgbench(server, secs))).collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    })
 }
 
 /// One pgbench run: connections per second, and the server's CPU per connection.
