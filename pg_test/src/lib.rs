@@ -128,6 +128,12 @@ impl Server {
         );
     }
 
+    /// The running postmaster's PID, from its postmaster.pid file.
+    pub fn postmaster_pid(&self) -> i32 {
+        let pid = std::fs::read_to_string(self.datadir.join("postmaster.pid")).unwrap();
+        pid.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.datadir.join("server.log")
     }

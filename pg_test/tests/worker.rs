@@ -528,8 +528,7 @@ fn a_session_turning_active_at_its_deadline_is_not_ended() {
 
 /// Kilobytes of stack the postmaster has touched and keeps (its `[stack]` mapping's Rss).
 fn postmaster_stack_kb(s: &Server) -> u64 {
-    let pid = std::fs::read_to_string(s.datadir.join("postmaster.pid")).unwrap();
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pid.lines().next().unwrap())).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", s.postmaster_pid())).unwrap();
     smaps
         .lines()
         .skip_while(|l| !l.ends_with("[stack]"))

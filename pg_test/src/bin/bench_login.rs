@@ -248,13 +248,8 @@ struct Reaped {
 }
 
 fn reaped(server: &Server) -> Reaped {
-    let fields = proc_stat(postmaster_pid(server));
+    let fields = proc_stat(server.postmaster_pid());
     Reaped { cpu_ticks: fields[13] + fields[14], minor_faults: fields[8] }
-}
-
-fn postmaster_pid(server: &Server) -> i32 {
-    let pid = std::fs::read_to_string(server.datadir.join("postmaster.pid")).unwrap();
-    pid.lines().next().unwrap().trim().parse().unwrap()
 }
 
 /// Medians over a set-up's traced backends.
