@@ -220,6 +220,12 @@ free_port() {
 }
 q() { as_postgres "$bindir/psql" -X -qAt -v ON_ERROR_STOP=1 -h "$datadir" -p "$port" -U postgres "$@"; }
 
+# mapped_code_kb PID: how much of session_kill.so's code the process has mapped (Rss), in kB.
+mapped_code_kb() {
+  awk '/ r-xp .*\/session_kill\.so$/ { code = 1; next } /^[0-9a-f]+-[0-9a-f]+ / { code = 0 }
+       code && $1 == "Rss:" { print $2; exit }' "/proc/$1/smaps"
+}
+
 # smoke LABEL: a clean preloaded cluster, CREATE EXTENSION, an idle session ended by kill_sessions.
 smoke() {
   local label=$1 pid row postmaster worker
@@ -253,6 +259,11 @@ smoke() {
     sleep 0.1
   done
   check "$label: an idle client session is open in database smoke (pid ${pid:-none})" test -n "$pid"
+  # Without src/hot_code.ld a backend mapped about 900 kB of the library's code, one page fault
+  # for each 64 kB block it ran code in.
+  code_kb=$(mapped_code_kb "$pid")
+  check "$label: that backend has mapped ${code_kb:-?} kB of session_kill.so's code, at most 256 kB" \
+    test "${code_kb:-999999}" -le 256
   row=$(q -d postgres -c "SELECT * FROM session_kill.kill_sessions('smoke', application_name => 'package-smoke', reason => 'package smoke test')" 2>&1) || true
   echo "    kill_sessions: $row"
   check "$label: kill_sessions() reports it terminated" \
