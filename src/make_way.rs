@@ -81,12 +81,13 @@ impl MakeWayTable {
         }
     }
 
-    /// The worker's read: every request, which it then looks for at least every
-    /// `look_every(after)` until its next read.
-    pub fn watch(&mut self) -> Vec<Request> {
+    /// The worker's read: every request, and how often it must look for lock waits until its
+    /// next read (None: no request) to find each one's wait by `look_every(after)`.
+    pub fn watch(&mut self) -> (Vec<Request>, Option<Micros>) {
         let requests = self.requests();
-        self.watched_every = requests.iter().map(|r| look_every(r.after)).min().unwrap_or(0);
-        requests
+        let every = requests.iter().map(|r| look_every(r.after)).min();
+        self.watched_every = every.unwrap_or(0);
+        (requests, every)
     }
 
     /// The backend `(pid, started)` is exiting.
@@ -189,7 +190,7 @@ mod tests {
         let mut t = MakeWayTable::default();
         assert_eq!(t.set(request(1, 3_000_000)), Recorded::WakeWorker, "the worker looks for nothing yet");
         assert_eq!(t.set(request(2, 3_000_000)), Recorded::WakeWorker, "it has not read the first one yet");
-        assert_eq!(t.watch().len(), 2);
+        assert_eq!(t.watch(), (vec![request(1, 3_000_000), request(2, 3_000_000)], Some(3_000_000)));
         assert_eq!(t.set(request(1, 3_000_000)), Recorded::Done, "the same again");
         assert_eq!(t.set(request(1, 0)), Recorded::Done, "a withdrawal");
         assert_eq!(t.set(request(1, 5_000_000)), Recorded::Done, "looked for every 3 s already");
@@ -222,7 +223,7 @@ mod tests {
         t.set(request(1, 0));
         assert_eq!(t.set(request(2, 1_000_000)), Recorded::Done, "the worker still looks every second");
         t.set(request(2, 0));
-        assert!(t.watch().is_empty());
+        assert_eq!(t.watch(), (vec![], None), "no request: the worker stops looking");
         assert_eq!(t.set(request(2, 1_000_000)), Recorded::WakeWorker, "the worker stopped looking");
     }
 }

@@ -273,13 +273,13 @@ pub fn forget_make_way(pid: i32, started: Micros) {
     MAKE_WAY.exclusive().remove(pid, started);
 }
 
-/// Every session's `make_way_after` request, for the worker, which looks for each one's lock
-/// wait at least every `make_way::look_every(after)` until its next call.
-pub fn watch_make_way_requests() -> Vec<Request> {
+/// Every session's `make_way_after` request, for the worker, and how often it must look for
+/// lock waits until its next call (see `MakeWayTable::watch`).
+pub fn watch_make_way_requests() -> (Vec<Request>, Option<Micros>) {
     if preloaded() {
         MAKE_WAY.exclusive().watch()
     } else {
-        Vec::new()
+        (Vec::new(), None)
     }
 }
 

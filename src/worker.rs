@@ -26,7 +26,7 @@ use crate::signal::{self, Signal};
 use crate::standby;
 use crate::sync;
 use crate::xmin_hold::Sightings;
-use crate::{errors, gucs, make_way};
+use crate::{errors, gucs};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -542,15 +542,11 @@ impl Worker {
         sessions: &HashMap<i32, Session>,
         protections: &Protections,
     ) -> Option<Micros> {
-        let requests = shmem::watch_make_way_requests();
-        if requests.is_empty() {
-            return None;
-        }
         // Until the next read of the requests, as promised to the backends that made them: a
         // look for lock waits finds a request's wait before it is due (at the floor, soon after).
-        for request in &requests {
-            self.lock_watch = earliest(self.lock_watch, Some(make_way::look_every(request.after)));
-        }
+        let (requests, look_every) = shmem::watch_make_way_requests();
+        let look_every = look_every?; // no request
+        self.lock_watch = earliest(self.lock_watch, Some(look_every));
         let locks = backends::locks();
         let found = lock_graph::blockers(&locks);
         let mut next = None;
