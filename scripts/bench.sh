@@ -38,7 +38,7 @@ mkdir -p benchmarks "$root"
 chown postgres: "$root"
 cargo build --release --manifest-path pg_test/Cargo.toml --bins
 
-commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql pg_test scripts Cargo.toml || echo ', with uncommitted changes')"
+commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql pg_test scripts Cargo.toml build.rs .cargo || echo ', with uncommitted changes')"
 stamp="$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $commit"
 
 header_core() {
