@@ -64,17 +64,17 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             superuser: role != pg_sys::InvalidOid && pg_sys::superuser_arg(role),
         };
         let verdict = shmem::admit(login, now);
-        if verdict == Verdict::Admit {
+        if let Verdict::Admit(slot) = verdict {
             // SAFETY: runs at any exit of this backend, while shared memory is still attached.
-            pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(0));
-        }
-        if verdict == Verdict::Admit && gucs::MAKE_WAY_AFTER.get() > 0 {
-            // Set in postgresql.conf: inherited, so no assign hook ran in this backend.
-            crate::make_way::publish(gucs::MAKE_WAY_AFTER.get(), role);
-        }
-        if verdict == Verdict::Admit && gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
-            // One more client: the pressure reaper decides whether that is one too many.
-            signal::wake_worker();
+            pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(slot));
+            if gucs::MAKE_WAY_AFTER.get() > 0 {
+                // Set in postgresql.conf: inherited, so no assign hook ran in this backend.
+                crate::make_way::publish(gucs::MAKE_WAY_AFTER.get(), role);
+            }
+            if gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
+                // One more client: the pressure reaper decides whether that is one too many.
+                signal::wake_worker();
+            }
         }
         if let Verdict::Refuse(gate) = verdict {
             ErrorReport::new(
@@ -113,11 +113,12 @@ pub(crate) unsafe fn login_names(port: *const Port) -> (*const c_char, *const c_
     }
 }
 
-/// An admitted backend forgets its admission as it exits, before its PID can be reused.
+/// An admitted backend forgets its admission (in slot `slot` of the ring) as it exits, before
+/// its PID can be reused.
 #[pg_guard]
-unsafe extern "C-unwind" fn forget_admission(_code: i32, _arg: pg_sys::Datum) {
+unsafe extern "C-unwind" fn forget_admission(_code: i32, slot: pg_sys::Datum) {
     let (pid, started) = backends::own_key();
-    shmem::forget_admission(pid, started);
+    shmem::forget_admission(slot.value(), pid, started);
 }
 
 fn gate_detail(gate: &Gate) -> String {

@@ -51,7 +51,8 @@ pub struct Admission {
 /// What the authentication hook does with a login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Admit,
+    /// Let in, remembered in this slot of the admissions ring until it exits.
+    Admit(usize),
     Refuse(Gate),
 }
 
@@ -130,14 +131,16 @@ impl GateTable {
         self.recent[free] = Some(login);
         self.next_recent = (free + 1) % RECENT_ADMISSIONS;
         self.admissions += 1;
-        Verdict::Admit
+        Verdict::Admit(free)
     }
 
-    /// The backend `(pid, started)` is exiting: forget its admission.
-    pub fn exited(&mut self, pid: i32, started: Micros) {
-        for slot in &mut self.recent {
-            if slot.is_some_and(|a| a.pid == pid && a.started == started) {
-                *slot = None;
+    /// The backend `(pid, started)`, admitted into `slot`, is exiting: forget its admission,
+    /// unless the ring has given that slot to another login since. Only the one slot is read,
+    /// so an exit touches no other page of the table.
+    pub fn exited(&mut self, slot: usize, pid: i32, started: Micros) {
+        if let Some(admission) = self.recent.get_mut(slot) {
+            if admission.is_some_and(|a| a.pid == pid && a.started == started) {
+                *admission = None;
             }
         }
     }
@@ -185,6 +188,28 @@ mod tests {
         Admission { pid, started: 1000 + i64::from(pid), datname: DbName::new(db), role: 10, superuser }
     }
 
+    fn admitted(verdict: Verdict) -> usize {
+        match verdict {
+            Verdict::Admit(slot) => slot,
+            Verdict::Refuse(_) => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn an_exit_whose_slot_the_ring_gave_to_another_login_forgets_nothing() {
+        let mut t = GateTable::default();
+        let slot = admitted(t.admit(login(1, "shop", false), 1));
+        for pid in 2..=RECENT_ADMISSIONS as i32 {
+            t.admit(login(pid, "shop", false), 1);
+        }
+        let newest = login(5000, "shop", false);
+        assert_eq!(admitted(t.admit(newest, 1)), slot, "the ring was full: the oldest slot is reused");
+        t.exited(slot, 1, login(1, "shop", false).started);
+        assert!(t.remembers(&newest), "login 1's exit leaves the login now in its slot alone");
+        t.exited(slot, 5000, newest.started);
+        assert!(!t.remembers(&newest));
+    }
+
     fn pids(admissions: Vec<Admission>) -> Vec<i32> {
         admissions.iter().map(|a| a.pid).collect()
     }
@@ -195,7 +220,7 @@ mod tests {
         t.close(gate("shop", 100), 100).unwrap();
         assert!(matches!(t.admit(login(1, "shop", false), 200), Verdict::Refuse(g) if g.refused == 1));
         assert!(matches!(t.admit(login(2, "shop", true), 200), Verdict::Refuse(g) if g.refused == 2));
-        assert_eq!(t.admit(login(3, "postgres", false), 200), Verdict::Admit);
+        assert!(matches!(t.admit(login(3, "postgres", false), 200), Verdict::Admit(_)));
         assert_eq!(t.find(&DbName::new("shop"), 300).unwrap().refused, 2);
         assert_eq!(pids(t.admitted_to(&DbName::new("postgres"))), vec![3]);
         assert_eq!(t.admissions(), 1, "refused logins are not admissions");
@@ -206,7 +231,7 @@ mod tests {
     fn superusers_pass_only_when_allowed() {
         let mut t = GateTable::default();
         t.close(Gate { allow_superusers: true, ..gate("shop", 1) }, 1).unwrap();
-        assert_eq!(t.admit(login(1, "shop", true), 2), Verdict::Admit);
+        assert!(matches!(t.admit(login(1, "shop", true), 2), Verdict::Admit(_)));
         assert!(matches!(t.admit(login(2, "shop", false), 2), Verdict::Refuse(_)));
     }
 
@@ -215,12 +240,12 @@ mod tests {
         let mut t = GateTable::default();
         t.close(Gate { reopen_at: 50, ..gate("shop", 10) }, 10).unwrap();
         assert!(matches!(t.admit(login(1, "shop", false), 49), Verdict::Refuse(_)));
-        assert_eq!(t.admit(login(2, "shop", false), 50), Verdict::Admit, "reopened by itself");
+        assert!(matches!(t.admit(login(2, "shop", false), 50), Verdict::Admit(_)), "reopened by itself");
         assert!(t.list(50).is_empty());
         t.close(gate("shop", 60), 60).unwrap();
         assert!(t.open(&DbName::new("shop"), 70).is_some());
         assert!(t.open(&DbName::new("shop"), 70).is_none(), "already open");
-        assert_eq!(t.admit(login(3, "shop", false), 80), Verdict::Admit);
+        assert!(matches!(t.admit(login(3, "shop", false), 80), Verdict::Admit(_)));
     }
 
     #[test]
@@ -258,19 +283,23 @@ mod tests {
     fn an_exited_login_is_forgotten_so_a_reused_pid_is_never_taken_for_it() {
         let mut t = GateTable::default();
         let first = login(42, "shop", false);
-        t.admit(first, 1);
+        let slot = admitted(t.admit(first, 1));
         assert!(t.remembers(&first));
-        t.exited(42, first.started + 1);
+        t.exited(slot, 42, first.started + 1);
         assert!(t.remembers(&first), "another process with the same PID exiting changes nothing");
-        t.exited(42, first.started);
+        t.exited(slot, 42, first.started);
         assert!(!t.remembers(&first) && t.admitted_to(&DbName::new("shop")).is_empty());
         let reused = Admission { started: 9999, ..login(42, "postgres", false) };
         t.admit(reused, 2);
         assert!(t.admitted_to(&DbName::new("shop")).is_empty(), "the new PID 42 is not a login to shop");
+        let mut first_of_many = 0;
         for pid in 0..RECENT_ADMISSIONS as i32 - 1 {
-            t.admit(login(1000 + pid, "shop", false), 3);
+            let slot = admitted(t.admit(login(1000 + pid, "shop", false), 3));
+            if pid == 0 {
+                first_of_many = slot;
+            }
         }
-        t.exited(1000, 1000 + 1000);
+        t.exited(first_of_many, 1000, 1000 + 1000);
         t.admit(login(7, "shop", false), 4);
         assert!(t.remembers(&reused), "a slot freed by an exit is used before the oldest admission");
     }

@@ -221,9 +221,10 @@ pub fn admit(login: Admission, now: Micros) -> Verdict {
     GATES.exclusive().admit(login, now)
 }
 
-/// The backend `(pid, started)` is exiting: it is no longer a login the drain must wait for.
-pub fn forget_admission(pid: i32, started: Micros) {
-    GATES.exclusive().exited(pid, started);
+/// The backend `(pid, started)`, admitted into `slot`, is exiting: it is no longer a login the
+/// drain must wait for.
+pub fn forget_admission(slot: usize, pid: i32, started: Micros) {
+    GATES.exclusive().exited(slot, pid, started);
 }
 
 pub fn close_gate(gate: Gate, now: Micros) -> Result<Gate, GateError> {
