@@ -1,11 +1,13 @@
 //! Benchmark (not a test): what session_kill costs on every login. Prints a Markdown section.
 //!
 //! Logins: `pgbench -C -S` (a new connection for every read-only transaction, over the Unix
-//! socket) against three clusters of the same installation, running side by side: one without
+//! socket) against four clusters of the same installation, running side by side: one without
 //! `shared_preload_libraries`; one with session_kill preloaded and no gate closed; one preloaded
 //! with 64 gates closed (as many as the gate table holds, every one on another database, so each
-//! login checks them all and is still admitted). Each round runs against all three at the same
-//! time, one client each, so a change in the machine's speed hits all three alike.
+//! login checks them all and is still admitted); and, as the floor, one preloading an empty C
+//! library linked like a Rust one, which shows what preloading any such library costs. Each
+//! round runs against all four at the same time, one client each, so a change in the machine's
+//! speed hits all four alike.
 //!
 //! Wall-clock and CPU figures move with whatever else runs on the machine, so two counts that do
 //! not are taken as well: the minor page faults of the backends that served the runs, and, with
@@ -36,17 +38,31 @@ enum SetUp {
     NotLoaded,
     Preloaded,
     GatesClosed,
+    EmptyLibrary,
 }
 
+/// The empty library: all a library needs to be preloaded, and nothing else.
+const EMPTY_LIBRARY: &str = "session_kill_bench_empty";
+const EMPTY_LIBRARY_SOURCE: &str =
+    "#include \"postgres.h\"\n#include \"fmgr.h\"\nPG_MODULE_MAGIC;\nvoid _PG_init(void);\nvoid _PG_init(void) {}\n";
+
 impl SetUp {
-    const ALL: [SetUp; 3] = [SetUp::NotLoaded, SetUp::Preloaded, SetUp::GatesClosed];
+    const ALL: [SetUp; 4] = [SetUp::NotLoaded, SetUp::Preloaded, SetUp::GatesClosed, SetUp::EmptyLibrary];
 
     fn name(self) -> String {
         match self {
             SetUp::NotLoaded => "without session_kill (`shared_preload_libraries = ''`)".to_owned(),
             SetUp::Preloaded => "`shared_preload_libraries = 'session_kill'`, no gate closed".to_owned(),
             SetUp::GatesClosed => format!("preloaded, {GATES} gates closed (other databases drained)"),
+            SetUp::EmptyLibrary => format!(
+                "an empty C library preloaded instead (`{EMPTY_LIBRARY}`: `PG_MODULE_MAGIC` and an empty `_PG_init`, \
+                 linked with libgcc_s as every Rust library is)"
+            ),
         }
+    }
+
+    fn runs_the_worker(self) -> bool {
+        matches!(self, SetUp::Preloaded | SetUp::GatesClosed)
     }
 }
 
@@ -61,7 +77,7 @@ fn main() {
             // Each start lays out the postmaster's address space anew (ASLR), which moves the
             // page faults of every backend it forks: a restart per round averages that out.
             server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
-            if setup != SetUp::NotLoaded {
+            if setup.runs_the_worker() {
                 // The worker starts a sync at start-up: a child of the postmaster whose CPU would
                 // count as the connections' if it exited during the run.
                 wait_for_described(Duration::from_secs(30), "the worker's first sync", || {
@@ -82,10 +98,10 @@ fn main() {
     println!("### The cost on every login ({version})\n");
     println!(
         "`pgbench -n -C -S -c {CLIENTS} -j {CLIENTS} -T {RUN_SECS}` over the Unix socket (a new connection for every \
-         read-only transaction; scale 1), {} rounds, against three clusters of the same installation (autovacuum \
-         off), all three at the same time in each round, so that the machine's speed, which drifts by ±25 % \
-         over minutes here, is the same for all three within a round. Before each round every postmaster is \
-         restarted (then, once the worker's start-up sync is done, all three are warmed up for {WARM_UP_SECS} s): \
+         read-only transaction; scale 1), {} rounds, against four clusters of the same installation (autovacuum \
+         off), all four at the same time in each round, so that the machine's speed, which drifts by ±25 % \
+         over minutes here, is the same for all four within a round. Before each round every postmaster is \
+         restarted (then, once the worker's start-up sync is done, all four are warmed up for {WARM_UP_SECS} s): \
          every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
          between two starts of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock. *Server CPU per connection* is the CPU \
@@ -93,7 +109,8 @@ fn main() {
          `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
          the server. The overhead is against the median without \
          session_kill; *paired* is the median over rounds of each round's change against the run without \
-         session_kill in the same round.\n",
+         session_kill in the same round. The empty library is the floor: what preloading any library \
+         linked like a Rust one costs, whatever it does.\n",
         rounds()
     );
     println!("| set-up | metric | median | min | max | overhead (medians) | overhead (paired) | rounds |");
@@ -159,6 +176,7 @@ fn main() {
         );
     }
     println!();
+    std::fs::remove_file(empty_library_path(&servers[0])).unwrap();
 }
 
 /// Puts a fresh server into `setup`: the pgbench database; no preload, or 64 gates closed.
@@ -176,6 +194,16 @@ fn prepare(server: Server, setup: SetUp) -> Server {
             assert_eq!(loaded, "", "no library preloaded");
         }
         SetUp::Preloaded => {}
+        SetUp::EmptyLibrary => {
+            install_empty_library(&server);
+            admin
+                .batch_execute(&format!("ALTER SYSTEM SET shared_preload_libraries = '{EMPTY_LIBRARY}'"))
+                .unwrap();
+            server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+            let mut admin = server.admin();
+            let loaded: String = admin.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
+            assert_eq!(loaded, EMPTY_LIBRARY, "the empty library preloaded");
+        }
         SetUp::GatesClosed => {
             for i in 0..GATES {
                 admin.batch_execute(&format!("CREATE DATABASE closed_{i:02}")).unwrap();
@@ -192,6 +220,28 @@ fn prepare(server: Server, setup: SetUp) -> Server {
         }
     }
     server
+}
+
+fn pg_config(server: &Server, option: &str) -> String {
+    let out = run_checked(Command::new(server.bindir.join("pg_config")).arg(option));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn empty_library_path(server: &Server) -> String {
+    format!("{}/{EMPTY_LIBRARY}.so", pg_config(server, "--pkglibdir"))
+}
+
+/// Builds the empty library into the installation's library directory (removed at the end).
+fn install_empty_library(server: &Server) {
+    let source = server.datadir.with_extension("empty.c");
+    std::fs::write(&source, EMPTY_LIBRARY_SOURCE).unwrap();
+    run_checked(
+        Command::new("cc")
+            .args(["-O2", "-fPIC", "-shared", "-I"])
+            .arg(pg_config(server, "--includedir-server"))
+            .arg(&source)
+            .args(["-o", &empty_library_path(server), "-Wl,--no-as-needed", "-lgcc_s"]),
+    );
 }
 
 struct Run {
