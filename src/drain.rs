@@ -63,21 +63,20 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
             role: role.to_u32(),
             superuser: role != pg_sys::InvalidOid && pg_sys::superuser_arg(role),
         };
-        let verdict = shmem::admit(login, now);
-        if let Verdict::Admit(slot) = verdict {
-            // SAFETY: runs at any exit of this backend, while shared memory is still attached.
-            pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(slot));
-            if gucs::MAKE_WAY_AFTER.get() > 0 {
-                // Set in postgresql.conf: inherited, so no assign hook ran in this backend.
-                crate::make_way::publish(gucs::MAKE_WAY_AFTER.get(), role);
+        match shmem::admit(login, now) {
+            Verdict::Admit(slot) => {
+                // SAFETY: runs at any exit of this backend, while shared memory is still attached.
+                pg_sys::before_shmem_exit(Some(forget_admission), pg_sys::Datum::from(slot));
+                if gucs::MAKE_WAY_AFTER.get() > 0 {
+                    // Set in postgresql.conf: inherited, so no assign hook ran in this backend.
+                    crate::make_way::publish(gucs::MAKE_WAY_AFTER.get(), role);
+                }
+                if gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
+                    // One more client: the pressure reaper decides whether that is one too many.
+                    signal::wake_worker();
+                }
             }
-            if gucs::MAX_CONNECTION_USAGE.get() > 0.0 {
-                // One more client: the pressure reaper decides whether that is one too many.
-                signal::wake_worker();
-            }
-        }
-        if let Verdict::Refuse(gate) = verdict {
-            ErrorReport::new(
+            Verdict::Refuse(gate) => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_CANNOT_CONNECT_NOW,
                 format!("database \"{}\" is being drained by session_kill", datname.as_str()),
                 "",
@@ -87,7 +86,7 @@ unsafe extern "C-unwind" fn check_gate(port: *mut Port, status: i32) {
                 "New connections are refused until SELECT session_kill.undrain_database({}) reopens it.",
                 sql_literal(datname.as_str())
             ))
-            .report(PgLogLevel::FATAL);
+            .report(PgLogLevel::FATAL),
         }
     }
 }
