@@ -39,13 +39,13 @@ pub struct Request {
 pub struct MakeWayTable {
     slots: [Option<Request>; MAKE_WAY_SLOTS],
     /// How often the worker looks for lock waits until its next read of the table, by what it
-    /// read last (0: it does not look). A request it looks for often enough needs no wake-up.
-    watched_every: Micros,
+    /// read last (None: it does not look). A request it looks for often enough needs no wake-up.
+    watched_every: Option<Micros>,
 }
 
 impl Default for MakeWayTable {
     fn default() -> Self {
-        MakeWayTable { slots: [None; MAKE_WAY_SLOTS], watched_every: 0 }
+        MakeWayTable { slots: [None; MAKE_WAY_SLOTS], watched_every: None }
     }
 }
 
@@ -74,7 +74,7 @@ impl MakeWayTable {
             return Recorded::Full;
         };
         self.slots[i] = Some(request);
-        if self.watched_every == 0 || look_every(request.after) < self.watched_every {
+        if self.watched_every.is_none_or(|every| look_every(request.after) < every) {
             Recorded::WakeWorker
         } else {
             Recorded::Done
@@ -85,9 +85,8 @@ impl MakeWayTable {
     /// next read (None: no request) to find each one's wait by `look_every(after)`.
     pub fn watch(&mut self) -> (Vec<Request>, Option<Micros>) {
         let requests = self.requests();
-        let every = requests.iter().map(|r| look_every(r.after)).min();
-        self.watched_every = every.unwrap_or(0);
-        (requests, every)
+        self.watched_every = requests.iter().map(|r| look_every(r.after)).min();
+        (requests, self.watched_every)
     }
 
     /// The backend `(pid, started)` is exiting.
