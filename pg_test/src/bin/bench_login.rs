@@ -186,23 +186,11 @@ fn prepare(server: Server, setup: SetUp) -> Server {
     let out = server.client_program("pgbench").args(["-i", "-q", "-s", "1", "bench"]).output().unwrap();
     assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
     match setup {
-        SetUp::NotLoaded => {
-            admin.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").unwrap();
-            server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
-            let mut admin = server.admin();
-            let loaded: String = admin.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
-            assert_eq!(loaded, "", "no library preloaded");
-        }
+        SetUp::NotLoaded => preload_instead(&server, ""),
         SetUp::Preloaded => {}
         SetUp::EmptyLibrary => {
             install_empty_library(&server);
-            admin
-                .batch_execute(&format!("ALTER SYSTEM SET shared_preload_libraries = '{EMPTY_LIBRARY}'"))
-                .unwrap();
-            server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
-            let mut admin = server.admin();
-            let loaded: String = admin.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
-            assert_eq!(loaded, EMPTY_LIBRARY, "the empty library preloaded");
+            preload_instead(&server, EMPTY_LIBRARY);
         }
         SetUp::GatesClosed => {
             for i in 0..GATES {
@@ -220,6 +208,19 @@ fn prepare(server: Server, setup: SetUp) -> Server {
         }
     }
     server
+}
+
+/// Restarts `server` with `libraries` preloaded instead of session_kill ("": none).
+fn preload_instead(server: &Server, libraries: &str) {
+    // ALTER SYSTEM SET to '' would write the list "" (one library with an empty name).
+    let statement = match libraries {
+        "" => "ALTER SYSTEM RESET shared_preload_libraries".to_owned(),
+        _ => format!("ALTER SYSTEM SET shared_preload_libraries = '{libraries}'"),
+    };
+    server.admin().batch_execute(&statement).unwrap();
+    server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+    let loaded: String = server.admin().query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
+    assert_eq!(loaded, libraries, "preloaded instead of session_kill");
 }
 
 fn pg_config(server: &Server, option: &str) -> String {
