@@ -243,6 +243,15 @@ smoke() {
     grep -q " $libdir/session_kill.so\$" "/proc/$postmaster/maps"
   worker=$(q -d postgres -c "SELECT pid FROM session_kill.worker" 2>&1) || worker=
   check "$label: the session_kill worker runs (pid ${worker:-none})" test -n "$worker"
+  # Rust's standard library asks for libgcc_s; build.rs links gcc's unwinder in instead, so a
+  # PostgreSQL that does not load libgcc_s itself maps one library fewer into every backend.
+  check "$label: the package's session_kill.so needs no libgcc_s (the unwinder is linked in)" \
+    bash -c "readelf -d '$libdir/session_kill.so' | grep -q NEEDED && ! readelf -d '$libdir/session_kill.so' | grep -q 'NEEDED.*libgcc_s'"
+  # Every ERROR that session_kill's Rust code raises unwinds its stack with that unwinder.
+  unwound=$(q -d postgres -v ON_ERROR_STOP=0 -c "SELECT * FROM session_kill.kill_sessions('postgres', 'terminte')" \
+    -c "SELECT 'the session goes on'" 2>&1) || true
+  check "$label: an ERROR from session_kill's Rust code (a typo in the mode) reaches the client, and the session goes on" \
+    bash -c "grep -q 'ERROR:  invalid mode \"terminte\"' <<<\"\$1\" && grep -qx 'the session goes on' <<<\"\$1\"" _ "$unwound"
   quietly q -d postgres -c "CREATE ROLE smoke_app LOGIN" -c "CREATE DATABASE smoke"
 
   # A real client left idle: psql reading from a pipe that this script holds open.

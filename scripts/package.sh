@@ -65,7 +65,7 @@ cp README.md "$docdir/README.md"
 find "$root" -type d -exec chmod 0755 {} +
 find "$root" -type f -exec chmod 0644 {} + # Debian installs shared libraries without the x bit
 
-# The libraries the .so links to (libc6, libgcc-s1), with the versions its symbols need.
+# The libraries the .so links to (libc6), with the versions its symbols need.
 shlibs_dir=$(mktemp -d)
 trap 'rm -rf "$shlibs_dir"' EXIT
 mkdir "$shlibs_dir/debian"

@@ -5,16 +5,19 @@
 //! `shared_preload_libraries`; one with session_kill preloaded and no gate closed; one preloaded
 //! with 64 gates closed (as many as the gate table holds, every one on another database, so each
 //! login checks them all and is still admitted); and, as the floor, one preloading an empty C
-//! library linked like a Rust one, which shows what preloading any such library costs. Each
+//! library, which shows what preloading any library costs. Each
 //! round runs against all four at the same time, one client each, so a change in the machine's
 //! speed hits all four alike.
+//!
+//! Each cluster's postmaster is put in a control group of its own, which counts in nanoseconds the
+//! CPU time of the postmaster and of every backend it forks.
 //!
 //! Wall-clock and CPU figures move with whatever else runs on the machine, so two counts that do
 //! not are taken as well: the minor page faults of the backends that served the runs, and, with
 //! each cluster restarted under valgrind's callgrind, the instructions each backend ran.
 
 use session_kill_pg_test::stats::{
-    clock_ticks_per_second, load_average, max, median, min, proc_stat, server_version, settle,
+    load_average, max, median, min, proc_stat, server_version, settle, CpuGroup,
 };
 use session_kill_pg_test::{run_checked, wait_for_described, Server};
 use std::path::Path;
@@ -55,8 +58,7 @@ impl SetUp {
             SetUp::Preloaded => "`shared_preload_libraries = 'session_kill'`, no gate closed".to_owned(),
             SetUp::GatesClosed => format!("preloaded, {GATES} gates closed (other databases drained)"),
             SetUp::EmptyLibrary => format!(
-                "an empty C library preloaded instead (`{EMPTY_LIBRARY}`: `PG_MODULE_MAGIC` and an empty `_PG_init`, \
-                 linked with libgcc_s as every Rust library is)"
+                "an empty C library preloaded instead (`{EMPTY_LIBRARY}`: `PG_MODULE_MAGIC` and an empty `_PG_init`)"
             ),
         }
     }
@@ -69,14 +71,19 @@ impl SetUp {
 fn main() {
     let conf = ["max_connections = 200", "shared_buffers = '128MB'", "autovacuum = off"];
     let servers: Vec<Server> = SetUp::ALL.iter().map(|setup| prepare(Server::start(&conf), *setup)).collect();
+    // Declared after the servers, so dropped before them: while their processes still run.
+    let groups: Vec<CpuGroup> = (0..servers.len())
+        .map(|k| CpuGroup::new(&format!("session_kill_bench_login_{}_{k}", std::process::id())))
+        .collect();
     let version = server_version(&servers[0]);
     let load_start = load_average();
     let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds() {
-        for (server, setup) in servers.iter().zip(SetUp::ALL) {
+        for ((server, setup), group) in servers.iter().zip(SetUp::ALL).zip(&groups) {
             // Each start lays out the postmaster's address space anew (ASLR), which moves the
             // page faults of every backend it forks: a restart per round averages that out.
             server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
+            group.adopt(server.postmaster_pid());
             if setup.runs_the_worker() {
                 // The worker starts a sync at start-up: a child of the postmaster whose CPU would
                 // count as the connections' if it exited during the run.
@@ -88,8 +95,8 @@ fn main() {
                 settle(server);
             }
         }
-        all_at_once(&servers, WARM_UP_SECS);
-        for (k, run) in all_at_once(&servers, RUN_SECS).into_iter().enumerate() {
+        all_at_once(&servers, &groups, WARM_UP_SECS);
+        for (k, run) in all_at_once(&servers, &groups, RUN_SECS).into_iter().enumerate() {
             runs[k].push(run);
         }
     }
@@ -105,12 +112,12 @@ fn main() {
          every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
          between two starts of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock. *Server CPU per connection* is the CPU \
-         time of the backends that served the run (the postmaster's reaped children: `cutime + cstime` in \
-         `/proc/<postmaster>/stat`, in clock ticks) divided by the connections pgbench made: what each login costs \
-         the server. The overhead is against the median without \
+         time of the postmaster and of every process it forked during the run (a control group of its own per \
+         cluster, counted in nanoseconds: each fork, login, query and exit, and any work of session_kill's worker \
+         then) divided by the connections pgbench made: what each login costs the server. The overhead is against the median without \
          session_kill; *paired* is the median over rounds of each round's change against the run without \
          session_kill in the same round. The empty library is the floor: what preloading any library \
-         linked like a Rust one costs, whatever it does.\n",
+         costs, whatever it does.\n",
         rounds()
     );
     println!("| set-up | metric | median | min | max | overhead (medians) | overhead (paired) | rounds |");
@@ -241,7 +248,7 @@ fn install_empty_library(server: &Server) {
             .args(["-O2", "-fPIC", "-shared", "-I"])
             .arg(pg_config(server, "--includedir-server"))
             .arg(&source)
-            .args(["-o", &empty_library_path(server), "-Wl,--no-as-needed", "-lgcc_s"]),
+            .args(["-o", &empty_library_path(server)]),
     );
 }
 
@@ -253,17 +260,21 @@ struct Run {
 
 /// A pgbench run against every server at the same time: whatever else slows the machine down
 /// slows all of them alike.
-fn all_at_once(servers: &[Server], secs: u32) -> Vec<Run> {
+fn all_at_once(servers: &[Server], groups: &[CpuGroup], secs: u32) -> Vec<Run> {
     thread::scope(|scope| {
-        let runs: Vec<_> = servers.iter().map(|server| scope.spawn(move || pgbench(server, secs))).collect();
+        let runs: Vec<_> = servers
+            .iter()
+            .zip(groups)
+            .map(|(server, group)| scope.spawn(move || pgbench(server, group, secs)))
+            .collect();
         runs.into_iter().map(|run| run.join().unwrap()).collect()
     })
 }
 
 /// One pgbench run: connections per second, and the server's CPU per connection.
-fn pgbench(server: &Server, secs: u32) -> Run {
+fn pgbench(server: &Server, group: &CpuGroup, secs: u32) -> Run {
     let clients = CLIENTS.to_string();
-    let before = reaped(server);
+    let (faults_before, cpu_before) = (reaped_faults(server), group.used_ns());
     let out = server
         .client_program("pgbench")
         .args(["-n", "-C", "-S", "-c", &clients, "-j", &clients, "-T", &secs.to_string(), "bench"])
@@ -273,7 +284,7 @@ fn pgbench(server: &Server, secs: u32) -> Run {
     assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
     // The last connections' backends may still be exiting.
     thread::sleep(Duration::from_millis(300));
-    let after = reaped(server);
+    let (faults_after, cpu_after) = (reaped_faults(server), group.used_ns());
     let number = |prefix: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
@@ -284,23 +295,15 @@ fn pgbench(server: &Server, secs: u32) -> Run {
     let connections = number("number of transactions actually processed: ");
     Run {
         tps: number("tps = "),
-        cpu_per_connection_us: (after.cpu_ticks - before.cpu_ticks) as f64 / clock_ticks_per_second() * 1e6
-            / connections,
-        faults_per_connection: (after.minor_faults - before.minor_faults) as f64 / connections,
+        cpu_per_connection_us: (cpu_after - cpu_before) as f64 / 1e3 / connections,
+        faults_per_connection: (faults_after - faults_before) as f64 / connections,
     }
 }
 
-/// What the postmaster's children that have exited and been waited for used: every backend that
-/// served a connection and is gone.
-struct Reaped {
-    /// User + system CPU time, in clock ticks.
-    cpu_ticks: u64,
-    minor_faults: u64,
-}
-
-fn reaped(server: &Server) -> Reaped {
-    let fields = proc_stat(server.postmaster_pid());
-    Reaped { cpu_ticks: fields[13] + fields[14], minor_faults: fields[8] }
+/// The minor page faults of the postmaster's children that have exited and been waited for:
+/// every backend that served a connection and is gone.
+fn reaped_faults(server: &Server) -> u64 {
+    proc_stat(server.postmaster_pid())[8]
 }
 
 /// Medians over a set-up's traced backends.
