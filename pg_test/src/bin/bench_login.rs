@@ -78,8 +78,13 @@ fn main() {
     let version = server_version(&servers[0]);
     let load_start = load_average();
     let mut runs: Vec<Vec<Run>> = SetUp::ALL.iter().map(|_| Vec::new()).collect();
-    for _ in 0..rounds() {
-        for ((server, setup), group) in servers.iter().zip(SetUp::ALL).zip(&groups) {
+    for round in 0..rounds() {
+        // With one set-up on all four clusters, the postmaster restarted first (up longest when
+        // the runs start) spent 5-8 % more CPU per connection than the others in one-off runs:
+        // each set-up takes its turn at each place, in the restarts and in starting pgbench.
+        let order: Vec<usize> = (0..servers.len()).map(|i| (i + round) % servers.len()).collect();
+        for &k in &order {
+            let (server, setup, group) = (&servers[k], SetUp::ALL[k], &groups[k]);
             // Each start lays out the postmaster's address space anew (ASLR), which moves the
             // page faults of every backend it forks: a restart per round averages that out.
             server.pg_ctl(&["-w", "-m", "fast", "restart", "-l", server.log_path().to_str().unwrap()]);
@@ -95,8 +100,8 @@ fn main() {
                 settle(server);
             }
         }
-        all_at_once(&servers, &groups, WARM_UP_SECS);
-        for (k, run) in all_at_once(&servers, &groups, RUN_SECS).into_iter().enumerate() {
+        all_at_once(&servers, &groups, &order, WARM_UP_SECS);
+        for (k, run) in all_at_once(&servers, &groups, &order, RUN_SECS).into_iter().enumerate() {
             runs[k].push(run);
         }
     }
@@ -108,8 +113,10 @@ fn main() {
          read-only transaction; scale 1), {} rounds, against four clusters of the same installation (autovacuum \
          off), all four at the same time in each round, so that the machine's speed, which drifts by ±25 % \
          over minutes here, is the same for all four within a round. Before each round every postmaster is \
-         restarted (then, once the worker's start-up sync is done, all four are warmed up for {WARM_UP_SECS} s): \
-         every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
+         restarted, in an order that rotates from round to round, as does the order in which the four pgbench \
+         runs start (in one-off runs with one set-up on all four clusters, the postmaster restarted first, up \
+         longest when the runs start, spent 5–8 % more CPU per connection than the others); then, once the \
+         worker's start-up sync is done, all four are warmed up for {WARM_UP_SECS} s. Every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
          between two starts of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock. *Server CPU per connection* is the CPU \
          time of the postmaster and of every process it forked during the run (a control group of its own per \
@@ -260,14 +267,14 @@ struct Run {
 
 /// A pgbench run against every server at the same time: whatever else slows the machine down
 /// slows all of them alike.
-fn all_at_once(servers: &[Server], groups: &[CpuGroup], secs: u32) -> Vec<Run> {
+/// One pgbench run against each server, all at the same time, started in `order`; the runs are
+/// returned in the servers' order.
+fn all_at_once(servers: &[Server], groups: &[CpuGroup], order: &[usize], secs: u32) -> Vec<Run> {
     thread::scope(|scope| {
-        let runs: Vec<_> = servers
-            .iter()
-            .zip(groups)
-            .map(|(server, group)| scope.spawn(move || pgbench(server, group, secs)))
-            .collect();
-        runs.into_iter().map(|run| run.join().unwrap()).collect()
+        let mut runs: Vec<_> =
+            order.iter().map(|&k| (k, scope.spawn(move || pgbench(&servers[k], &groups[k], secs)))).collect();
+        runs.sort_by_key(|(k, _)| *k);
+        runs.into_iter().map(|(_, run)| run.join().unwrap()).collect()
     })
 }
 
