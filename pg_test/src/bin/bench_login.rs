@@ -116,8 +116,9 @@ fn main() {
          restarted, in an order that rotates from round to round, as does the order in which the four pgbench \
          runs start (in one-off runs with one set-up on all four clusters, the postmaster restarted first, up \
          longest when the runs start, spent 5–8 % more CPU per connection than the others); then, once the \
-         worker's start-up sync is done, all four are warmed up for {WARM_UP_SECS} s. Every start lays out the address space anew (ASLR), which moved the page faults per connection by up to 45 \
-         between two starts of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
+         worker's start-up sync is done, all four are warmed up for {WARM_UP_SECS} s. Every start lays out the \
+         address space anew (ASLR), which moved the page faults per connection by up to 45 between two starts \
+         of one set-up. *Connections/s* is pgbench's tps, which with `-C` counts the connection and its authentication: \
          wall-clock. *Server CPU per connection* is the CPU \
          time of the postmaster and of every process it forked during the run (a control group of its own per \
          cluster, counted in nanoseconds: each fork, login, query and exit, and any work of session_kill's worker \
@@ -265,10 +266,8 @@ struct Run {
     faults_per_connection: f64,
 }
 
-/// A pgbench run against every server at the same time: whatever else slows the machine down
-/// slows all of them alike.
-/// One pgbench run against each server, all at the same time, started in `order`; the runs are
-/// returned in the servers' order.
+/// A pgbench run against every server at the same time, started in `order`: whatever else slows
+/// the machine down slows all of them alike. The runs come back in the servers' order.
 fn all_at_once(servers: &[Server], groups: &[CpuGroup], order: &[usize], secs: u32) -> Vec<Run> {
     thread::scope(|scope| {
         let mut runs: Vec<_> =
