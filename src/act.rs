@@ -95,16 +95,18 @@ impl Acting<'_> {
         match signal::send_telling(s.pid, s.backend_start, signal, self.told) {
             Ok(()) => {
                 progress.action = progress.action.and(signal);
+                // Queued before the LOG line: ending an elog checks for interrupts, and a caller
+                // cancelled or terminated there must leave the signal it sent on record.
+                if progress.pending.is_none() {
+                    let act = self.act(subject, progress.action, "signalled");
+                    progress.pending = Some(audit::record_signal(&act));
+                }
                 log!(
                     "session_kill: sent {} to {}{}",
                     signal_name(signal),
                     s.describe(subject.database),
                     self.because()
                 );
-                if progress.pending.is_none() {
-                    let act = self.act(subject, progress.action, "signalled");
-                    progress.pending = Some(audit::record_signal(&act));
-                }
                 Ok(())
             }
             Err(SignalError::Gone) => Err(Outcome::AlreadyGone),

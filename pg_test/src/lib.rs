@@ -142,6 +142,18 @@ impl Server {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The server log, once it shows `text`. session_kill logs a signal just after sending it,
+    /// so the log may lag what a client saw.
+    #[track_caller]
+    pub fn log_showing(&self, text: &str) -> String {
+        let mut log = String::new();
+        wait_for_described(Duration::from_secs(20), &format!("the server log shows {text:?}"), || {
+            log = self.server_log();
+            log.contains(text)
+        });
+        log
+    }
+
     fn bootstrap(&self) {
         self.admin()
             .batch_execute(&format!(

@@ -394,7 +394,10 @@ fn every_signal_is_audited_whatever_happens_to_the_caller() {
         .map(|_| ())
         .map_err(|e| error_code(&e))
     });
-    thread::sleep(Duration::from_millis(1000));
+    let sent = format!("session_kill: sent cancel to pid {} ", killed_caller.pid);
+    wait_for_described(Duration::from_secs(20), "the caller has sent its cancel", || {
+        s.server_log().contains(&sent)
+    });
     s.admin().execute("SELECT pg_terminate_backend($1)", &[&caller_pid]).unwrap();
     assert!(call.join().unwrap().is_err());
 
@@ -415,6 +418,49 @@ fn every_signal_is_audited_whatever_happens_to_the_caller() {
     assert!(counted >= 2, "counted {counted}");
     s.admin().execute("SELECT pg_terminate_backend($1)", &[&timed_out.pid]).unwrap();
     s.admin().execute("SELECT pg_terminate_backend($1)", &[&killed_caller.pid]).unwrap();
+}
+
+/// Item 5, between two signals: a caller interrupted right after sending one (here by its own
+/// `statement_timeout`, which PostgreSQL acts on at the next interrupt check, such as the end of
+/// the LOG line that reports the signal) still leaves a row for every signal it sent. Each round
+/// terminates 30 idle sessions under a timeout of 1 to 10 ms, until a few rounds were interrupted
+/// half-way; every session the server log says was sent a terminate must have its row.
+#[test]
+fn a_caller_interrupted_between_two_signals_leaves_every_sent_one_on_record() {
+    let s = server();
+    let db = s.fresh_db("t_attack_interrupted_sender");
+    let mut half_way = 0;
+    for round in 0..60 {
+        if half_way == 3 {
+            break;
+        }
+        let targets: Vec<Session> = (0..30).map(|_| Session::idle(s.connect(&db, APP))).collect();
+        let mut caller = s.admin();
+        caller.batch_execute(&format!("SET statement_timeout = '{}ms'", 1 + round % 10)).unwrap();
+        let call =
+            caller.simple_query(&format!("SELECT * FROM session_kill.kill_sessions('{db}', wait => '0')"));
+        let log = s.server_log();
+        let sent: Vec<i32> = targets
+            .iter()
+            .map(|t| t.pid)
+            .filter(|pid| log.contains(&format!("session_kill: sent terminate to pid {pid} ")))
+            .collect();
+        if call.is_err() && !sent.is_empty() && sent.len() < targets.len() {
+            half_way += 1;
+        }
+        for pid in sent {
+            wait_for_described(
+                Duration::from_secs(20),
+                &format!("pid {pid}'s signal reaches session_kill.log"),
+                || !audit_rows(s, pid).is_empty(),
+            );
+        }
+        drop(targets);
+        wait_for_described(Duration::from_secs(20), "the round's sessions are gone", || {
+            s.sessions_in(&db) == 0
+        });
+    }
+    assert_eq!(half_way, 3, "rounds interrupted half-way through their signals");
 }
 
 /// Item 5: a flood of dry runs while the log cannot be written never pushes a real signal out

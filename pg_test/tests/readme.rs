@@ -586,9 +586,10 @@ impl Scenario {
     fn before_step(&mut self, env: &mut Env, transcript: &str, index: usize) {
         let s = &env.server;
         if let ("log", 2) = (transcript, index) {
-            // After the two INSERTs: a pooled connection left idle, a report running.
-            self.hold(s, "shop", "shop_app", Some("web"), &["SELECT 1;"]);
+            // After the two INSERTs: a report running, then a pooled connection left idle (its
+            // 2 s limit ends it after the report's 1 s, however slowly the two start).
             self.hold(s, "shop", "reporting", Some("nightly_report"), &["SELECT pg_sleep(60);"]);
+            self.hold(s, "shop", "shop_app", Some("web"), &["SELECT 1;"]);
             wait_for_described(
                 Duration::from_secs(30),
                 "the worker's two actions in session_kill.log",

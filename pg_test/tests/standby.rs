@@ -146,12 +146,13 @@ fn a_snapshot_conflict_cancels_the_oldest_snapshot_and_replay_catches_up() {
     let ended_after = vacuumed.elapsed();
     assert_eq!(code.as_deref(), Some(QUERY_CANCELED), "the holder's statement was cancelled");
     assert_told_replay(detail, "over session_kill.replay_lag_timeout (2.0s)");
-    assert!(ended_after >= Duration::from_millis(1500), "not before the limit: {ended_after:?}");
+    // The standby may start waiting before VACUUM returns here: 1 s to spare for that.
+    assert!(ended_after >= Duration::from_millis(1000), "not before the limit: {ended_after:?}");
     assert!(ended_after < Duration::from_secs(12), "safety net: {ended_after:?}");
     wait_caught_up(&primary, &standby);
     let (unreplayed, _) = standby_lag(&standby);
     assert!(unreplayed <= 0.0, "everything received is replayed");
-    assert!(standby.server_log().contains(&format!("session_kill: sent cancel to pid {holder} ")));
+    standby.log_showing(&format!("session_kill: sent cancel to pid {holder} "));
     assert!(!signalled(&standby, bystander), "the younger snapshot held nothing back");
     assert!(!signalled(&standby, idle.pid));
     assert_eq!(idle.probe(), ClientView::Alive);
@@ -191,7 +192,8 @@ fn a_lock_conflict_from_drop_table_cancels_the_lock_holder_only() {
     let ended_after = dropped.elapsed();
     assert_eq!(code.as_deref(), Some(QUERY_CANCELED));
     assert_told_replay(detail, &format!("over rule {id} (standby reports)"));
-    assert!(ended_after >= Duration::from_millis(1100), "not before the limit: {ended_after:?}");
+    // As above, 0.8 s to spare.
+    assert!(ended_after >= Duration::from_millis(700), "not before the limit: {ended_after:?}");
     assert!(ended_after < Duration::from_secs(12), "safety net: {ended_after:?}");
     wait_caught_up(&primary, &standby);
     let gone: bool = standby.probe_one("SELECT to_regclass('t2') IS NULL", &[]).get(0);
