@@ -367,6 +367,14 @@ pub fn signalled(server: &Server, pid: i32) -> bool {
     server.server_log().lines().any(|l| l.contains(&cancel) || l.contains(&terminate))
 }
 
+/// Whether `text` tells, right after `prefix`, a duration (written `1.2s`) of `limit` seconds to
+/// 5 s more. The worker acts at the deadline, but a loaded machine may delay it by a second.
+pub fn tells_duration_over(text: &str, prefix: &str, limit: f64) -> bool {
+    let told = text.split_once(prefix).and_then(|(_, rest)| rest.split_once('s'));
+    let secs = told.and_then(|(secs, _)| secs.parse::<f64>().ok());
+    secs.is_some_and(|secs| (limit..limit + 5.0).contains(&secs))
+}
+
 /// Polls `done` every 10 ms until true; panics after `timeout`, at the caller's line.
 #[track_caller]
 pub fn wait_for(timeout: Duration, done: impl FnMut() -> bool) {

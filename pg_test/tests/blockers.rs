@@ -143,8 +143,11 @@ fn the_worker_ends_where_the_chain_of_waits_begins(s: &Server, told_over: &str) 
         .nth(1)
         .unwrap_or_default();
     assert!(
-        detail.contains("DETAIL:  session_kill: holding up another session's lock request for 1.")
-            && detail.ends_with(told_over),
+        tells_duration_over(
+            &detail,
+            "DETAIL:  session_kill: holding up another session's lock request for ",
+            1.0
+        ) && detail.ends_with(told_over),
         "{detail}"
     );
     let _ = reader.probe();

@@ -281,13 +281,17 @@ fn snapshot_timeout_ends_the_holders_and_vacuum_can_clean_up() {
     assert_ended_by_admin_on(&s, holder.pid, holder.probe());
     let detail = told_terminated(&s, holder.pid);
     assert!(
-        detail.starts_with("session_kill: holding back the xmin horizon for 2.")
+        detail.starts_with("session_kill: holding back the xmin horizon for ")
+            && tells_duration_over(&detail, "session_kill: holding back the xmin horizon for ", 2.0)
             && detail.contains("s (xmin age ")
             && detail.ends_with("), over session_kill.snapshot_timeout (2.0s)"),
         "{detail}"
     );
+    let detail = told_terminated(&s, running_pid);
     assert!(
-        told_terminated(&s, running_pid).starts_with("session_kill: holding back the xmin horizon for 2.")
+        detail.starts_with("session_kill: holding back the xmin horizon for ")
+            && tells_duration_over(&detail, "session_kill: holding back the xmin horizon for ", 2.0),
+        "{detail}"
     );
     assert!(
         busy.client.batch_execute("COMMIT").is_ok(),
@@ -340,7 +344,8 @@ fn a_snapshot_rule_cancels_first_then_terminates_what_still_holds() {
     assert_eq!(code, QUERY_CANCELED);
     let detail = detail.unwrap_or_default();
     assert!(
-        detail.starts_with("session_kill: holding back the xmin horizon for 2.")
+        detail.starts_with("session_kill: holding back the xmin horizon for ")
+            && tells_duration_over(&detail, "session_kill: holding back the xmin horizon for ", 2.0)
             && detail.ends_with(&format!(", over rule {rule} (reports hold vacuum back)")),
         "{detail}"
     );
@@ -355,8 +360,11 @@ fn a_snapshot_rule_cancels_first_then_terminates_what_still_holds() {
         log.find(&format!("session_kill: sent cancel to pid {stubborn_pid} ")).expect("cancelled first");
     let terminate = log.find(&terminated).unwrap();
     assert!(cancel < terminate);
+    let detail = told_terminated(&s, stubborn_pid);
     assert!(
-        told_terminated(&s, stubborn_pid).starts_with("session_kill: holding back the xmin horizon for 3.")
+        detail.starts_with("session_kill: holding back the xmin horizon for ")
+            && tells_duration_over(&detail, "session_kill: holding back the xmin horizon for ", 3.0),
+        "{detail}"
     );
     assert_ended_by_admin_on(&s, idle_rr.pid, idle_rr.probe());
     s.stop();
