@@ -367,6 +367,25 @@ pub fn signalled(server: &Server, pid: i32) -> bool {
     server.server_log().lines().any(|l| l.contains(&cancel) || l.contains(&terminate))
 }
 
+/// A connection whose start-up the client slows with `post_auth_delay`, opened in a thread that
+/// first runs `before`.
+pub fn slow_login_after(
+    s: &Server,
+    db: &str,
+    user: &str,
+    delay_secs: u32,
+    before: impl FnOnce() + Send + 'static,
+) -> thread::JoinHandle<Result<(), String>> {
+    let mut config = s.config(db, user);
+    config.options(&format!("-c post_auth_delay={delay_secs}"));
+    config.connect_timeout(Duration::from_secs(30));
+    thread::spawn(move || {
+        before();
+        let mut client = config.connect(NoTls).map_err(|e| error_code(&e))?;
+        client.simple_query("SELECT 1").map(|_| ()).map_err(|e| error_code(&e))
+    })
+}
+
 /// Whether `text` tells, right after `prefix`, a duration (written `1.2s`) of `limit` seconds to
 /// 5 s more. The worker acts at the deadline, but a loaded machine may delay it by a second.
 pub fn tells_duration_over(text: &str, prefix: &str, limit: f64) -> bool {

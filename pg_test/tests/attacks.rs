@@ -116,24 +116,6 @@ fn slow_login(s: &Server, db: &str, user: &str, delay_secs: u32) -> thread::Join
     slow_login_after(s, db, user, delay_secs, || {})
 }
 
-/// `slow_login`, running `before` in the new thread just before it connects.
-fn slow_login_after(
-    s: &Server,
-    db: &str,
-    user: &str,
-    delay_secs: u32,
-    before: impl FnOnce() + Send + 'static,
-) -> thread::JoinHandle<Result<(), String>> {
-    let mut config = s.config(db, user);
-    config.options(&format!("-c post_auth_delay={delay_secs}"));
-    config.connect_timeout(Duration::from_secs(30));
-    thread::spawn(move || {
-        before();
-        let mut client = config.connect(NoTls).map_err(|e| error_code(&e))?;
-        client.simple_query("SELECT 1").map(|_| ()).map_err(|e| error_code(&e))
-    })
-}
-
 /// Waits until the server has authenticated (and the gate admitted) a login of `user` to `db`.
 fn wait_until_authorized(s: &Server, db: &str, user: &str, logins_before: usize) {
     let line = format!("connection authorized: user={user} database={db}");
@@ -189,44 +171,6 @@ fn a_starting_superuser_login_is_protected_like_a_connected_one() {
     assert!(detail.contains("a login still starting up): superuser"), "{detail}");
     assert_eq!(login.join().unwrap(), Ok(()), "the superuser's login was ended while starting");
     s.stop();
-}
-
-/// Item 2: the admissions a drain remembers never lead it to signal another process that reused
-/// an admitted login's PID. The PID is reused on purpose, through /proc/sys/kernel/ns_last_pid.
-#[test]
-fn the_drain_never_signals_a_process_that_reused_an_admitted_pid() {
-    let s = server();
-    let drained = s.fresh_db("t_attack_pid_drained");
-    let other = s.fresh_db("t_attack_pid_other");
-    for _ in 0..20 {
-        let pid = Session::idle(s.connect(&drained, APP)).pid;
-        s.wait_until_gone(pid);
-        // Set in the connecting thread, so that the postmaster's next fork gets the PID.
-        let login = slow_login_after(s, &other, APP, 3, move || {
-            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap()
-        });
-        thread::sleep(Duration::from_millis(1000));
-        let reused =
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("postgres"));
-        if !reused {
-            let _ = login.join();
-            continue; // another process took the PID first: try again
-        }
-        s.admin()
-            .query_one(
-                &format!("SELECT * FROM session_kill.drain_database('{drained}', timeout => '5s')"),
-                &[],
-            )
-            .unwrap();
-        assert_eq!(
-            login.join().unwrap(),
-            Ok(()),
-            "the login to another database that reused PID {pid} was signalled"
-        );
-        s.admin().execute("SELECT session_kill.undrain_database($1)", &[&drained]).unwrap();
-        return;
-    }
-    panic!("could not get a login to reuse a PID in 20 attempts");
 }
 
 /// A psql process holding a `replication=database` connection open (stdin kept open).
